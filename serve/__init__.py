@@ -1,0 +1,1 @@
+"""HTTP/WebSocket ingress of the CPA Scheduler (Ray Serve + FastAPI). Thin: imports ``actors``."""
