@@ -1,0 +1,47 @@
+"""Executors for tests of the runtime itself (session affinity, effect ledgers)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from actors.errors import NonRetryableStepError
+from actors.executors.base import Executor, StepInput, StepOutcome
+
+
+class SessionProbe(Executor):
+    """A stateful executor: the first step of a session creates in-memory state on this
+    replica; a later step of the same session fails (non-retryable) if its state is not here,
+    i.e. if it landed on another replica. ``params.ms`` makes a step take that long."""
+
+    capability = "browser"
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, list[int]] = {}
+        self.replica_id = ""
+
+    async def start(self, replica_id: str) -> None:
+        self.replica_id = replica_id
+
+    async def execute(self, step: StepInput) -> StepOutcome:
+        if step.session is None:
+            raise NonRetryableStepError("SessionProbe needs a session")
+        ms = float(step.todo.params.get("ms", 0))
+        if ms:
+            await asyncio.sleep(ms / 1000)
+        first = bool(step.todo.params.get("first", False))
+        if first:
+            self.sessions[step.session] = [step.step]
+        elif step.session not in self.sessions:
+            raise NonRetryableStepError(
+                f"session {step.session} has no state on replica {self.replica_id}: step "
+                f"{step.step} ran on another replica than the session's first step",
+                kind="affinity_violation",
+            )
+        else:
+            self.sessions[step.session].append(step.step)
+        return StepOutcome.success({"replica": self.replica_id, "pid": os.getpid(),
+                                    "session_steps": list(self.sessions[step.session])})
+
+    async def close_session(self, session: str) -> None:
+        self.sessions.pop(session, None)

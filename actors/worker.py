@@ -1,0 +1,276 @@
+"""The pull loop of one executor-pool replica (DESIGN.md D2, D3, D5, D8).
+
+Leases steps from its capability's streams (its own stream first: session-affine steps),
+runs up to ``workers`` at once, renews each lease by heartbeat while the step runs (so a slow
+step is never run twice at once), and commits the result to the job's shard inbox with a
+fenced write (a result of a lease that was reclaimed meanwhile is dropped). Reclaims entries
+of dead consumers after the visibility timeout; poison entries go to the dead-letter queue and
+their job is told. Plain asyncio: ``actors.pools`` runs it inside a Ray Serve replica, and a
+thin agent process (Windows hosts) can run it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from actors.errors import StepError
+from actors.executors.base import Executor, StepInput, StepOutcome
+from actors.graph import default_registry
+from actors.keys import Keys
+from actors.queue import DeadEntry, Lease, TaskQueue
+from actors.redisconn import connect
+from actors.settings import Settings
+from actors.shard import cancel_channel
+
+log = logging.getLogger("cpa.worker")
+
+
+class PoolWorker:
+    """Runs steps of one capability for one replica."""
+
+    def __init__(self, capability: str, executor: Executor, settings: Settings, *,
+                 replica_id: str, workers: int = 8,
+                 redis: aioredis.Redis | None = None) -> None:
+        self.capability = capability
+        self.executor = executor
+        self.settings = settings
+        self.replica_id = replica_id
+        self.workers = max(1, workers)
+        self.keys = Keys(settings.redis.key_prefix)
+        self.redis = redis or connect(settings.redis)
+        self.queue = TaskQueue(self.redis, self.keys, settings.queue)
+        self.own_stream = self.keys.replica_stream(capability, replica_id)
+        self.consumer = replica_id
+        self.side_effects = {n for n in default_registry().names()
+                             if default_registry().get(n).side_effect}
+        self.running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
+        self.completed = 0
+        self.failed = 0
+        self.lost_leases = 0
+        self._stopping = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+        self.started = False
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Pull and run steps until :meth:`shutdown`."""
+        await self.executor.start(self.replica_id)
+        self.started = True
+        self._background = [
+            asyncio.create_task(self._alive_loop(), name="alive"),
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+            asyncio.create_task(self._cancel_listener(), name="cancel"),
+        ]
+        try:
+            await self._pull_loop()
+        finally:
+            for task in self._background:
+                task.cancel()
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop leasing; let running steps finish for ``grace_s``; give the rest back."""
+        self._stopping.set()
+        deadline = time.monotonic() + grace_s
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for entry_id, (lease, task) in list(self.running.items()):
+            task.cancel()
+            with contextlib.suppress(Exception):
+                await self.queue.release(lease)
+            self.running.pop(entry_id, None)
+        with contextlib.suppress(Exception):
+            await self.redis.delete(self.keys.replica_alive(self.capability, self.replica_id))
+        with contextlib.suppress(Exception):
+            await self.executor.close()
+
+    def status(self) -> dict[str, Any]:
+        return {"capability": self.capability, "replica": self.replica_id,
+                "running": len(self.running), "completed": self.completed,
+                "failed": self.failed, "lost_leases": self.lost_leases,
+                "workers": self.workers, "last_error": self.last_error}
+
+    # ------------------------------------------------------------------- loops
+
+    async def _pull_loop(self) -> None:
+        while not self._stopping.is_set():
+            free = self.workers - len(self.running)
+            if free <= 0:
+                await asyncio.sleep(0.002)
+                continue
+            try:
+                leases = await self.queue.read(self.capability, self.consumer,
+                                               own_stream=self.own_stream, count=free,
+                                               block_ms=500)
+            except Exception as exc:
+                self.last_error = f"read: {exc}"
+                log.warning("%s: read failed: %s", self.replica_id, exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._start(leases)
+
+    def _start(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            if self._stopping.is_set():
+                break
+            task = asyncio.create_task(self._run_lease(lease))
+            self.running[lease.entry_id] = (lease, task)
+
+    async def _alive_loop(self) -> None:
+        key = self.keys.replica_alive(self.capability, self.replica_id)
+        ttl = max(1, int(self.settings.queue.visibility_timeout_s))
+        while True:
+            with contextlib.suppress(Exception):
+                await self.redis.set(key, str(time.time()), ex=ttl)
+            await asyncio.sleep(min(self.settings.queue.heartbeat_interval_s, ttl / 3))
+
+    async def _reclaim_loop(self) -> None:
+        streams = [*self.keys.task_streams(self.capability)]
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.settings.queue.reclaim_interval_s)
+            for stream in streams:
+                free = self.workers - len(self.running)
+                if free <= 0 or self._stopping.is_set():
+                    break
+                try:
+                    leases, dead = await self.queue.reclaim(stream, self.consumer, count=free)
+                except Exception as exc:
+                    self.last_error = f"reclaim: {exc}"
+                    continue
+                for entry in dead:
+                    await self._report_dead(entry)
+                self._start(leases)
+
+    async def _cancel_listener(self) -> None:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(cancel_channel(self.keys))
+        try:
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if not msg:
+                    continue
+                data = json.loads(msg["data"])
+                steps = set(data.get("steps", []))
+                for lease, task in list(self.running.values()):
+                    payload = lease.payload()
+                    if payload.get("job") == data.get("job") and payload.get("step") in steps:
+                        task.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # -------------------------------------------------------------------- one step
+
+    async def _run_lease(self, lease: Lease) -> None:
+        try:
+            payload = lease.payload()
+            step = StepInput(
+                job_id=payload["job"], tenant=payload["tenant"], step=payload["step"],
+                attempt=payload["attempt"], todo=payload["todo"],
+                timeout_s=payload["timeout_s"], capability=payload.get("cap", self.capability),
+                session=payload.get("session"),
+            )
+        except Exception as exc:
+            await self.queue.dead_letter_lease(lease, f"undecodable step entry: {exc}")
+            self.running.pop(lease.entry_id, None)
+            return
+        heartbeat = asyncio.create_task(self._heartbeat(lease))
+        started = time.time()
+        outcome: StepOutcome
+        try:
+            await self._publish_running(step, started)
+            outcome = await self._execute(step, lease)
+        except asyncio.CancelledError:
+            if self._stopping.is_set():
+                heartbeat.cancel()
+                raise  # shutdown: the lease is released by shutdown()
+            outcome = StepOutcome.failure("cancelled", kind="cancelled", retryable=False)
+        finally:
+            heartbeat.cancel()
+        finished = time.time()
+        try:
+            if heartbeat.done() and not heartbeat.cancelled() and heartbeat.result() is False:
+                self.lost_leases += 1
+                return  # our lease was reclaimed: someone else owns this attempt now
+            result = {
+                "step": step.step, "attempt": step.attempt, "ok": outcome.ok,
+                "output": outcome.output, "error": outcome.error,
+                "error_kind": outcome.error_kind, "retryable": outcome.retryable,
+                "replica": self.replica_id, "started_at": started, "finished_at": finished,
+            }
+            fields = {"k": "result", "t": step.tenant, "c": payload["conv"], "j": step.job_id,
+                      "d": json.dumps(result, separators=(",", ":"), default=str)}
+            inbox = self.keys.shard_inbox(int(payload["shard"]))
+            committed = await self.queue.complete(lease, inbox, fields)
+            if not committed:
+                self.lost_leases += 1
+            elif outcome.ok:
+                self.completed += 1
+            else:
+                self.failed += 1
+        except Exception as exc:
+            # Not committed: the lease expires and the step is reclaimed (at least once).
+            self.last_error = f"complete: {exc}"
+            log.warning("%s: commit of %s failed: %s", self.replica_id, lease.entry_id, exc)
+        finally:
+            self.running.pop(lease.entry_id, None)
+
+    async def _execute(self, step: StepInput, lease: Lease) -> StepOutcome:
+        try:
+            if (step.attempt > 1 or lease.deliveries > 1) and \
+                    step.todo.action in self.side_effects and await self.executor.verify(step):
+                # Verify-before-retry (D5): an earlier attempt already took effect.
+                return StepOutcome.success({"verified": True})
+            return await asyncio.wait_for(self.executor.execute(step), step.timeout_s)
+        except TimeoutError:
+            return StepOutcome.failure(f"step timed out after {step.timeout_s} s",
+                                       kind="timeout")
+        except StepError as exc:
+            return StepOutcome.failure(exc.message, kind=exc.kind, retryable=exc.retryable)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return StepOutcome.failure(f"{type(exc).__name__}: {exc}", kind="crash")
+
+    async def _heartbeat(self, lease: Lease) -> bool:
+        """Renew the lease until cancelled; return False as soon as it is lost."""
+        interval = self.settings.queue.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.queue.heartbeat(lease):
+                    entry = self.running.get(lease.entry_id)
+                    if entry is not None:
+                        entry[1].cancel()  # someone else runs it now: stop ours
+                    return False
+            except Exception as exc:
+                self.last_error = f"heartbeat: {exc}"
+
+    async def _publish_running(self, step: StepInput, started: float) -> None:
+        event = {"job_id": step.job_id, "step": step.step, "status": "running",
+                 "attempt": step.attempt, "replica": self.replica_id, "ts": started}
+        with contextlib.suppress(Exception):
+            await self.redis.publish(self.keys.events_channel(step.tenant, step.job_id),
+                                     json.dumps(event))
+
+    async def _report_dead(self, entry: DeadEntry) -> None:
+        """Tell the job's orchestrator that a poison entry was dead-lettered."""
+        try:
+            payload = json.loads(entry.fields["d"])
+            result = {"step": payload["step"], "attempt": payload["attempt"], "ok": False,
+                      "error": entry.reason, "error_kind": "dead_lettered", "retryable": False,
+                      "replica": self.replica_id, "finished_at": time.time()}
+            await self.redis.xadd(self.keys.shard_inbox(int(payload["shard"])), {
+                "k": "result", "t": payload["tenant"], "c": payload["conv"],
+                "j": payload["job"], "d": json.dumps(result)})
+        except Exception as exc:
+            log.warning("%s: could not report dead entry %s: %s", self.replica_id,
+                        entry.entry_id, exc)

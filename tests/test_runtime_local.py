@@ -1,0 +1,240 @@
+"""The durable runtime without Ray: JobStore intake → ConversationShard → PoolWorker →
+result → next steps, on the real Redis, all in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from actors.errors import IdempotencyMismatch
+from actors.executors.noop import NoopExecutor
+from actors.executors.testing import SessionProbe
+from actors.jobs import JobMeta
+from actors.jobstore import JobStore, body_hash, new_job_id
+from actors.keys import Keys
+from actors.settings import RedisSettings, Settings
+from actors.shard import ShardRuntime
+from actors.worker import PoolWorker
+
+pytest_plugins = ("tests.redis_fixtures",)
+
+DIAMOND = [
+    {"action": "noop", "name": "A"},
+    {"action": "noop", "name": "B", "depends_on": [0]},
+    {"action": "noop", "name": "C", "depends_on": [0]},
+    {"action": "noop", "name": "D", "depends_on": [1, 2]},
+]
+
+
+def make_settings(redis_settings: RedisSettings, **queue: Any) -> Settings:
+    q = {"visibility_timeout_s": 2.0, "heartbeat_interval_s": 0.3, "reclaim_interval_s": 0.2,
+         "backoff_base_s": 0.05, "backoff_max_s": 0.2, **queue}
+    return Settings(redis=redis_settings.model_dump(), queue=q,
+                    runtime={"shards": 2})
+
+
+class Runtime:
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.redis.key_prefix)
+        self.store = JobStore(redis, self.keys, shards=2)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.shards: list[ShardRuntime] = []
+        self.workers: list[PoolWorker] = []
+
+    def start_shards(self) -> None:
+        for i in range(2):
+            shard = ShardRuntime(i, self.settings, redis=self.redis)
+            self.shards.append(shard)
+            self.tasks.append(asyncio.create_task(shard.run()))
+
+    def start_worker(self, capability: str, executor: Any, replica: str,
+                     workers: int = 4) -> PoolWorker:
+        worker = PoolWorker(capability, executor, self.settings, replica_id=replica,
+                            workers=workers, redis=self.redis)
+        self.workers.append(worker)
+        self.tasks.append(asyncio.create_task(worker.run()))
+        return worker
+
+    async def submit(self, todos: list[dict[str, Any]], *, tenant: str = "acme",
+                     conv: str | None = None, key: str | None = None) -> str:
+        meta = JobMeta(job_id=new_job_id(), tenant=tenant,
+                       conversation_id=conv or f"c-{new_job_id()[:8]}", shard=0, todos=todos)
+        acc = await self.store.submit(meta, idempotency_key=key, body_digest=body_hash(todos))
+        return acc.job_id
+
+    async def wait(self, job_id: str, statuses: tuple[str, ...] = ("succeeded",),
+                   tenant: str = "acme", timeout: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = await self.store.load(tenant, job_id)
+            if job.status.value in statuses:
+                return job.public()
+            await asyncio.sleep(0.02)
+        job = await self.store.load(tenant, job_id)
+        raise AssertionError(f"job {job_id} still {job.status.value}: {job.public()}")
+
+    async def stop(self) -> None:
+        for shard in self.shards:
+            shard.stop()
+        for worker in self.workers:
+            await worker.shutdown(grace_s=0.5)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def runtime(redis_settings: RedisSettings, redis_client: aioredis.Redis
+                  ) -> AsyncIterator[Runtime]:
+    rt = Runtime(make_settings(redis_settings), redis_client)
+    yield rt
+    await rt.stop()
+
+
+async def test_diamond_runs_in_dependency_order(runtime: Runtime) -> None:
+    runtime.start_shards()
+    runtime.start_worker("noop", NoopExecutor(), "noop-1")
+    job_id = await runtime.submit(DIAMOND)
+    job = await runtime.wait(job_id)
+    steps = job["steps"]
+    assert [s["status"] for s in steps] == ["succeeded"] * 4
+    assert steps[0]["finished_at"] <= steps[1]["started_at"]
+    assert steps[0]["finished_at"] <= steps[2]["started_at"]
+    assert max(steps[1]["finished_at"], steps[2]["finished_at"]) <= steps[3]["started_at"]
+    assert all(s["attempts"] == 1 for s in steps)
+
+
+async def test_replies_follow_the_protocol(runtime: Runtime) -> None:
+    runtime.start_shards()
+    runtime.start_worker("noop", NoopExecutor(), "noop-1")
+    from actors import lam
+    req = lam.Request(sender="agent://channel/chat", to=("agent://scheduler/cpa",),
+                      task="diamond", context=lam.Context(tenant="acme"),
+                      correlation=lam.Correlation(conversation_id="conv-r"))
+    meta = JobMeta(job_id=new_job_id(), tenant="acme", conversation_id="conv-r", shard=0,
+                   todos=DIAMOND, request=req.wire())
+    await runtime.store.submit(meta, idempotency_key=None, body_digest="x")
+    await runtime.wait(meta.job_id)
+    entries = await runtime.redis.xrange(runtime.keys.outbox("acme", "conv-r"))
+    msgs = [lam.decode(e[1]["m"]) for e in entries]
+    assert [m.type for m in msgs] == ["agree", "inform", "inform", "inform", "inform", "done"]
+    assert all(m.correlation.in_reply_to == req.id for m in msgs)
+    assert all(m.payload["job_id"] == meta.job_id for m in msgs)
+
+
+async def test_idempotent_intake(runtime: Runtime) -> None:
+    first = await runtime.submit(DIAMOND, key="k1", conv="c1")
+    again = await runtime.submit(DIAMOND, key="k1", conv="c1")
+    assert first == again
+    with pytest.raises(IdempotencyMismatch):
+        await runtime.submit(DIAMOND[:1], key="k1", conv="c1")
+    page, total = await runtime.store.list("acme", status=None, offset=0, limit=10)
+    assert total == 1 and page[0]["job_id"] == first
+
+
+async def test_retry_with_backoff_then_failure_skips_dependents(runtime: Runtime) -> None:
+    runtime.start_shards()
+    runtime.start_worker("noop", NoopExecutor(), "noop-1")
+    todos = [{"action": "noop", "params": {"fail": "boom"}, "max_attempts": 3},
+             {"action": "noop", "depends_on": [0]}]
+    job_id = await runtime.submit(todos)
+    job = await runtime.wait(job_id, ("failed",))
+    assert job["steps"][0]["status"] == "failed"
+    assert job["steps"][0]["attempts"] == 3
+    assert job["steps"][1]["status"] == "skipped"
+    assert "boom" in job["error"]
+
+
+async def test_non_retryable_fails_at_once(runtime: Runtime) -> None:
+    runtime.start_shards()
+    runtime.start_worker("noop", NoopExecutor(), "noop-1")
+    job_id = await runtime.submit([{"action": "noop", "params": {
+        "fail": "bad selector", "fail_kind": "non_retryable"}}])
+    job = await runtime.wait(job_id, ("failed",))
+    assert job["steps"][0]["attempts"] == 1
+
+
+async def test_cancel_and_retry(runtime: Runtime) -> None:
+    runtime.start_shards()
+    runtime.start_worker("noop", NoopExecutor(), "noop-1")
+    todos = [{"action": "sleep", "params": {"ms": 3000}, "timeout": 10},
+             {"action": "noop", "depends_on": [0]}]
+    job_id = await runtime.submit(todos)
+    await asyncio.sleep(0.5)
+    await runtime.store.send_control("acme", job_id, "cancel")
+    job = await runtime.wait(job_id, ("cancelled",), timeout=5)
+    assert {s["status"] for s in job["steps"]} == {"cancelled"}
+    await runtime.store.send_control("acme", job_id, "retry")
+    job = await runtime.wait(job_id, ("succeeded",), timeout=15)
+    assert job["steps"][1]["status"] == "succeeded"
+
+
+async def test_session_affinity_across_replicas(runtime: Runtime) -> None:
+    runtime.start_shards()
+    for r in ("b-1", "b-2", "b-3"):
+        runtime.start_worker("browser", SessionProbe(), r, workers=2)
+    jobs = []
+    for _ in range(6):
+        todos = [{"action": "playwright", "params": {"first": True, "ms": 20}},
+                 {"action": "click", "selector": "#a", "depends_on": [0], "params": {"ms": 20}},
+                 {"action": "type", "selector": "#b", "text": "x", "depends_on": [1]},
+                 {"action": "click", "selector": "#c", "depends_on": [2]}]
+        jobs.append(await runtime.submit(todos))
+    for job_id in jobs:
+        job = await runtime.wait(job_id)
+        replicas = {s["replica"] for s in job["steps"]}
+        assert len(replicas) == 1, job
+
+
+async def test_lost_lease_is_reclaimed(runtime: Runtime, redis_settings: RedisSettings) -> None:
+    """A consumer that leased a step and died never completes; another one reclaims it."""
+    runtime.start_shards()
+    job_id = await runtime.submit([{"action": "noop"}])
+    # A dead consumer: lease the entry and never heartbeat or complete.
+    dead = PoolWorker("noop", NoopExecutor(), runtime.settings, replica_id="dead",
+                      redis=runtime.redis)
+    leases: list[Any] = []
+    for _ in range(50):
+        leases = await dead.queue.read("noop", "dead", count=1, block_ms=100)
+        if leases:
+            break
+    assert leases
+    runtime.start_worker("noop", NoopExecutor(), "alive")
+    job = await runtime.wait(job_id, timeout=15)
+    assert job["steps"][0]["replica"] == "alive"
+
+
+async def wait_for(pred: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def test_shard_restart_resumes(runtime: Runtime) -> None:
+    """Stop a shard mid-job, start a fresh one: the job completes, no step ran twice."""
+    runtime.start_worker("noop", NoopExecutor(), "noop-1")
+    todos = [{"action": "sleep", "params": {"ms": 50}}]
+    for i in range(1, 10):
+        todos.append({"action": "sleep", "params": {"ms": 50}, "depends_on": [i - 1]})
+    runtime.start_shards()
+    job_id = await runtime.submit(todos, conv="resume-me")
+    await asyncio.sleep(0.3)
+    for shard in runtime.shards:
+        shard.stop()
+    for task in runtime.tasks[1:]:
+        task.cancel()
+    await asyncio.sleep(0.3)
+    runtime.shards.clear()
+    runtime.start_shards()
+    job = await runtime.wait(job_id, timeout=20)
+    assert all(s["attempts"] == 1 for s in job["steps"]), job["steps"]
