@@ -79,9 +79,9 @@ class PoolWorker:
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop leasing; let running steps finish for ``grace_s``; give the rest back."""
         self._stopping.set()
-        deadline = time.monotonic() + grace_s
-        while self.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        tasks = [task for _, task in self.running.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
         for entry_id, (lease, task) in list(self.running.items()):
             task.cancel()
             with contextlib.suppress(Exception):

@@ -70,8 +70,8 @@ class Runtime:
         return acc.job_id
 
     async def wait(self, job_id: str, statuses: tuple[str, ...] = ("succeeded",),
-                   tenant: str = "acme", timeout: float = 15.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+                   tenant: str = "acme", within_s: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             job = await self.store.load(tenant, job_id)
             if job.status.value in statuses:
@@ -169,10 +169,10 @@ async def test_cancel_and_retry(runtime: Runtime) -> None:
     job_id = await runtime.submit(todos)
     await asyncio.sleep(0.5)
     await runtime.store.send_control("acme", job_id, "cancel")
-    job = await runtime.wait(job_id, ("cancelled",), timeout=5)
+    job = await runtime.wait(job_id, ("cancelled",), within_s=5)
     assert {s["status"] for s in job["steps"]} == {"cancelled"}
     await runtime.store.send_control("acme", job_id, "retry")
-    job = await runtime.wait(job_id, ("succeeded",), timeout=15)
+    job = await runtime.wait(job_id, ("succeeded",), within_s=15)
     assert job["steps"][1]["status"] == "succeeded"
 
 
@@ -207,12 +207,12 @@ async def test_lost_lease_is_reclaimed(runtime: Runtime, redis_settings: RedisSe
             break
     assert leases
     runtime.start_worker("noop", NoopExecutor(), "alive")
-    job = await runtime.wait(job_id, timeout=15)
+    job = await runtime.wait(job_id, within_s=15)
     assert job["steps"][0]["replica"] == "alive"
 
 
-async def wait_for(pred: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(pred: Callable[[], Awaitable[bool]], within_s: float = 10) -> None:
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if await pred():
             return
@@ -236,5 +236,5 @@ async def test_shard_restart_resumes(runtime: Runtime) -> None:
     await asyncio.sleep(0.3)
     runtime.shards.clear()
     runtime.start_shards()
-    job = await runtime.wait(job_id, timeout=20)
+    job = await runtime.wait(job_id, within_s=20)
     assert all(s["attempts"] == 1 for s in job["steps"]), job["steps"]
