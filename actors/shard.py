@@ -17,7 +17,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,7 @@ from actors.jobs import Job, JobStatus
 from actors.jobstore import INBOX_GROUP, JobStore, job_to_fields
 from actors.keys import Keys
 from actors.orchestrator import Effects, Orchestrator, StepResult, restartable_sessions
-from actors.queue import TaskQueue
+from actors.queue import TaskQueue, delayed_member
 from actors.redisconn import connect
 from actors.retry import RetryPolicy
 from actors.settings import Settings
@@ -56,12 +55,6 @@ def active_key(keys: Keys, shard: int) -> str:
 def journal_key(keys: Keys, tenant: str, conversation_id: str) -> str:
     """Append-only journal of a conversation's state changes."""
     return keys.conversation(tenant, conversation_id) + ":journal"
-
-
-def delayed_member(stream: str, fields: dict[str, str]) -> str:
-    """A delayed-retry set member in the format ``TaskQueue.move_due`` moves."""
-    return json.dumps({"u": uuid.uuid4().hex, "s": stream, "f": fields},
-                      separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass

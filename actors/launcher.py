@@ -1,0 +1,225 @@
+"""``cpa up`` / ``cpa down``: start and stop the whole system on one machine.
+
+Starts only what is missing: a Redis (when none answers at ``redis.url``), a Ray head with its
+GCS off port 6379 and the dashboard on loopback, then deploys ``configs/serve.yaml`` through
+the dashboard (the same path ops use). Everything started is recorded with its pid in
+``<data_dir>/run/state.json`` and stopped by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import yaml
+
+from actors.errors import ConfigError, DependencyUnavailable
+from actors.settings import CONFIG_DIR, Settings
+
+LOCAL_RESOURCES = {"browser": 4, "windows": 1}
+"""Custom resources a local head advertises so every pool of serve.yaml can be placed."""
+LOCAL_LABELS = {"cpa-browser": "true", "cpa-windows": "true"}
+"""Node labels of a local head (pools select nodes by these; see cluster.yaml)."""
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")  # loopback dev cluster; set token for prod
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+class Launcher:
+    """Starts/stops the local system; state is kept so ``down`` works from another shell."""
+
+    def __init__(self, settings: Settings, serve_config: Path | None = None) -> None:
+        self.settings = settings
+        self.serve_config = serve_config or CONFIG_DIR / "serve.yaml"
+        self.run_dir = settings.runtime.data_dir / "run"
+        self.state_file = self.run_dir / "state.json"
+        self.state: dict[str, Any] = {}
+
+    # -------------------------------------------------------------------- up
+
+    def up(self) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.state_file.exists():
+            self.state = json.loads(self.state_file.read_text())
+        self._ensure_redis()
+        self.state["supervisor_pid"] = os.getpid()
+        self._save()
+        self._ensure_ray()
+        self._save()
+        self._deploy()
+        urls = self._wait_healthy()
+        self._save()
+        return urls
+
+    def _save(self) -> None:
+        self.state_file.write_text(json.dumps(self.state, indent=2))
+
+    def _ensure_redis(self) -> None:
+        url = urlparse(self.settings.redis.url)
+        host, port = url.hostname or "127.0.0.1", url.port or 6379
+        if _port_open(host, port):
+            return
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise DependencyUnavailable("redis", f"nothing answers at {host}:{port}")
+        server = shutil.which("redis-server")
+        if server is None:
+            raise DependencyUnavailable(
+                "redis", "no Redis answers and redis-server is not installed "
+                "(apt-get install redis-server)")
+        data = self.settings.runtime.data_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            [server, "--bind", host, "--port", str(port), "--dir", str(data),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+            stdout=(data / "redis.log").open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.state["redis_pid"] = proc.pid
+        deadline = time.monotonic() + 10
+        while not _port_open(host, port):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise DependencyUnavailable("redis", f"redis-server did not start; see "
+                                                     f"{data / 'redis.log'}")
+            time.sleep(0.1)
+        print(f"started redis-server pid {proc.pid} on {host}:{port} (data in {data})")
+
+    def _ensure_ray(self) -> None:
+        """Start a local Ray head in this process (or join ``runtime.ray_address``)."""
+        import ray
+
+        rt = self.settings.runtime
+        os.environ.update({k: v for k, v in _env().items() if k.startswith("RAY_")})
+        if rt.ray_address:
+            ray.init(address=rt.ray_address, namespace=rt.ray_namespace, log_to_driver=False)
+            return
+        ctx = ray.init(address="local", namespace=rt.ray_namespace, include_dashboard=True,
+                       dashboard_host=rt.dashboard_host, dashboard_port=rt.dashboard_port,
+                       resources=dict(LOCAL_RESOURCES), labels=dict(LOCAL_LABELS),
+                       log_to_driver=False)
+        gcs = str(getattr(ctx, "address_info", {}).get("gcs_address", ""))
+        if gcs.endswith(":6379"):
+            raise ConfigError("Ray's GCS took port 6379, which belongs to Redis")
+        self.state["ray_gcs"] = gcs
+        print(f"started Ray (GCS {gcs}, dashboard http://{rt.dashboard_host}:"
+              f"{rt.dashboard_port})")
+
+    def _deploy(self) -> None:
+        """PUT serve.yaml to the dashboard's Serve REST API — what `serve deploy` does."""
+        from ray import serve as ray_serve
+
+        rt = self.settings.runtime
+        cfg = check_serve_config(self.serve_config)
+        http = cfg.get("http_options", {})
+        ray_serve.start(http_options={"host": http.get("host", "127.0.0.1"),
+                                      "port": http.get("port", 8000),
+                                      "request_timeout_s": http.get("request_timeout_s", 30)})
+        url = f"http://{rt.dashboard_host}:{rt.dashboard_port}/api/serve/applications/"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                r = httpx.put(url, json=cfg, timeout=30)
+                if r.status_code < 300:
+                    break
+                detail = r.text[-1500:]
+            except httpx.HTTPError as exc:
+                detail = str(exc)
+            if time.monotonic() > deadline:
+                raise DependencyUnavailable("ray serve", f"deploying {self.serve_config} "
+                                                         f"failed: {detail}")
+            time.sleep(2)  # the dashboard may still be starting
+        print(f"deployed {self.serve_config}")
+
+    def _wait_healthy(self, within_s: float = 180.0) -> dict[str, Any]:
+        cfg = yaml.safe_load(self.serve_config.read_text()) or {}
+        http = cfg.get("http_options", {})
+        base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+        deadline = time.monotonic() + within_s
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{base}/health", timeout=5)
+                if r.status_code == 200 and r.json()["pools"]["noop"]["replicas"] > 0:
+                    self.state["api"] = base
+                    rt = self.settings.runtime
+                    return {"api": base, "docs": f"{base}/docs", "health": f"{base}/health",
+                            "dashboard": f"http://{rt.dashboard_host}:{rt.dashboard_port}"}
+                last = r.text[:300]
+            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                last = str(exc)
+            time.sleep(1)
+        raise DependencyUnavailable("cpa", f"system not healthy after {within_s:.0f} s: {last}")
+
+    # ------------------------------------------------------------------- down
+
+    def down(self) -> list[str]:
+        """Stop a detached ``cpa up`` (SIGTERM to its pid: it stops Ray and its Redis)."""
+        stopped: list[str] = []
+        if not self.state_file.exists():
+            return stopped
+        state = json.loads(self.state_file.read_text())
+        for name in ("supervisor_pid", "redis_pid"):
+            pid = state.get(name)
+            if not pid:
+                continue
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+                stopped.append(f"{name.removesuffix('_pid')} pid {pid}")
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and _alive(int(pid)):
+                time.sleep(0.2)
+        self.state_file.unlink(missing_ok=True)
+        return stopped
+
+    def shutdown(self) -> None:
+        """Stop what this process started: Serve, Ray, and the Redis it launched."""
+        import ray
+        from ray import serve as ray_serve
+
+        if ray.is_initialized():
+            try:
+                ray_serve.shutdown()  # type: ignore[no-untyped-call]
+            finally:
+                ray.shutdown()
+        pid = self.state.get("redis_pid")
+        if pid and _alive(int(pid)):
+            os.kill(int(pid), signal.SIGTERM)
+        self.state_file.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def check_serve_config(path: Path) -> dict[str, Any]:
+    """Parse serve.yaml and check the parts we rely on (clear error instead of a Ray trace)."""
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("applications"), list):
+        raise ConfigError(f"{path}: must have an `applications` list")
+    return cfg

@@ -1,0 +1,432 @@
+"""The HTTP/WebSocket API (FastAPI). Runs under Ray Serve (``serve.deployment``) and, for
+tests and a Ray-less dev mode, under any ASGI server.
+
+Every accepted request is durably appended to Redis before its 202. Bad input is a 4xx
+naming the field, the value and the rule; a dependency that is down is a 503 with
+Retry-After; nothing here answers 5xx for a client's mistake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import ValidationError
+
+from actors import lam
+from actors.errors import (
+    CpaError,
+    NoIntent,
+    NotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from actors.graph import build_graph
+from actors.jobs import PRIORITIES, JobMeta, JobStatus
+from actors.jobstore import body_hash, new_job_id
+from actors.orchestrator import SCHEDULER_AGENT
+from actors.redisconn import ping
+from actors.settings import ApiKey, Settings
+from serve.health import health_report
+from serve.schemas import ScheduleRequest
+from serve.services import Services
+
+HTTP_CHANNEL_AGENT = "agent://channel/http"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API. Services are created lazily in the serving process."""
+    app = FastAPI(title="CPA Scheduler", version="0.1.0",
+                  description="LAM-protocol orchestration core (see docs/api.md)")
+    app.state.settings = settings
+    app.state.services = None
+    app.state.lock = asyncio.Lock()
+    registry = CollectorRegistry()
+    app.state.registry = registry
+    requests_total = Counter("cpa_http_requests", "HTTP requests", ["route", "code"],
+                             registry=registry)
+    accepted_total = Counter("cpa_jobs_accepted", "Jobs durably accepted", ["tenant"],
+                             registry=registry)
+
+    async def services(request: Request | WebSocket) -> Services:
+        svc: Services | None = request.app.state.services
+        if svc is None:
+            async with request.app.state.lock:
+                svc = request.app.state.services
+                if svc is None:
+                    svc = Services.create(request.app.state.settings)
+                    request.app.state.services = svc
+        return svc
+
+    def tenant_of(svc: Services, key: str | None) -> ApiKey:
+        if not key:
+            raise Unauthenticated("missing X-API-Key header")
+        record = svc.settings.tenant_for_key(key)
+        if record is None:
+            raise Unauthenticated("unknown API key")
+        return record
+
+    @app.exception_handler(CpaError)
+    async def _cpa_error(request: Request, exc: CpaError) -> JSONResponse:
+        headers = {}
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(retry_after)))
+        if exc.status_code == 401:
+            headers["WWW-Authenticate"] = "ApiKey"
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if p not in ("body", "query", "path", "header")]
+            errors.append({"field": ".".join(loc) or "<request>", "value": repr(
+                err.get("input"))[:80], "rule": err["msg"]})
+        first = errors[0] if errors else {"field": "<request>", "value": "", "rule": "invalid"}
+        return JSONResponse({"error": "validation_failed",
+                             "message": f"{first['field']}: got {first['value']}; "
+                                        f"{first['rule']}", **first, "errors": errors,
+                             "retryable": False}, status_code=422)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Any) -> Response:
+        try:
+            response: Response = await call_next(request)
+        except Exception as exc:  # never leak a traceback as a bare 500
+            response = JSONResponse({"error": "internal", "message": f"{type(exc).__name__}",
+                                     "retryable": True}, status_code=500)
+        route = request.scope.get("route")
+        requests_total.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        return response
+
+    # ------------------------------------------------------------------- intake
+
+    async def read_json(request: Request, svc: Services) -> Any:
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaType(
+                f"Content-Type: got {ctype[:60]!r}; send the body as application/json")
+        limit = svc.settings.http.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge("<body>", f"<{declared} bytes>",
+                                  f"the body must be at most {limit} bytes", quote=False)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge("<body>", f"<more than {limit} bytes>",
+                                      f"the body must be at most {limit} bytes", quote=False)
+            chunks.append(chunk)
+        doc = lam.parse_json(b"".join(chunks), max_bytes=limit)
+        lam.check_limits(doc, svc.settings.lam)
+        return doc
+
+    def idempotency_key(request: Request) -> str | None:
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 1 <= len(key) <= 256:
+            raise ValidationFailed("Idempotency-Key", key, "must be 1..256 characters")
+        return key
+
+    @app.post("/schedule", status_code=202)
+    async def schedule(request: Request) -> JSONResponse:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        doc = await read_json(request, svc)
+        if not isinstance(doc, dict):
+            raise ValidationFailed("<body>", doc, "the body must be a JSON object")
+        try:
+            body = ScheduleRequest.model_validate(doc)
+        except ValidationError as exc:
+            raise lam.pydantic_to_failed(exc) from exc
+        routed: dict[str, Any] | None = None
+        intent = None
+        slots: dict[str, Any] = {}
+        source = "explicit"
+        if body.text is not None:
+            if len(body.text) > svc.settings.lam.max_task_chars:
+                raise ValidationFailed("text", body.text, f"must be at most "
+                                       f"{svc.settings.lam.max_task_chars} characters")
+            locale = body.context.locale if body.context else None
+            result = await svc.router.route(body.text, locale=locale)
+            routed = result.to_json()
+            if result.intent is None:
+                if body.dry_run:
+                    return JSONResponse({"dry_run": True, "status": "no_match", **routed},
+                                        status_code=200)
+                raise NoIntent(result.reason)
+            todos = [t.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+                     for t in result.plan]
+            intent, slots, source = result.intent, dict(result.slots), result.source
+        else:
+            todos = body.todos or []
+        graph = build_graph(todos, limits=svc.settings.graph)
+        if body.dry_run:
+            out: dict[str, Any] = {"dry_run": True, "status": "planned", "intent": intent,
+                                   "slots": slots, "source": source, "todos": graph.to_json(),
+                                   "levels": [list(lv) for lv in graph.levels],
+                                   "capabilities": list(graph.capabilities),
+                                   "sessions": list(graph.sessions)}
+            if routed:
+                out.update({k: v for k, v in routed.items() if k not in out and k != "plan"})
+            return JSONResponse(out, status_code=200)
+        conv = body.conversation_id or f"conv-{uuid.uuid4().hex}"
+        context = lam.Context(tenant=key.tenant,
+                              domain=body.context.domain if body.context else None,
+                              locale=body.context.locale if body.context else None)
+        req = lam.Request(sender=HTTP_CHANNEL_AGENT, to=(SCHEDULER_AGENT,), intent=intent,
+                          task=body.text or f"explicit plan of {len(todos)} steps",
+                          payload={"slots": slots} if slots else {}, context=context,
+                          correlation=lam.Correlation(conversation_id=conv))
+        meta = JobMeta(job_id=new_job_id(), tenant=key.tenant, conversation_id=conv, shard=0,
+                       todos=todos, priority=body.priority, request=req.wire(),
+                       callback_url=body.callback_url, intent=intent, slots=slots,
+                       source=source, text=body.text, max_attempts=body.max_attempts)
+        digest = body_hash(doc)
+        accepted = await svc.store.submit(meta, idempotency_key=idempotency_key(request),
+                                          body_digest=digest)
+        if accepted.created:
+            accepted_total.labels(key.tenant).inc()
+        return JSONResponse({"job_id": accepted.job_id,
+                             "conversation_id": accepted.conversation_id,
+                             "status": accepted.status, "intent": intent,
+                             "steps": len(todos)},
+                            status_code=202 if accepted.created else 200)
+
+    @app.post("/lam/message", status_code=202)
+    async def lam_message(request: Request) -> JSONResponse:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        doc = await read_json(request, svc)
+        msg = lam.validate(doc, svc.settings.lam)
+        if msg.context.tenant != key.tenant:
+            raise ValidationFailed("context.tenant", msg.context.tenant,
+                                   f"must be the tenant of your API key ({key.tenant})")
+        conv = msg.correlation.conversation_id
+        if isinstance(msg, lam.Request):
+            return await _lam_request(svc, key, msg, doc)
+        # Any other performative joins an existing conversation: check the protocol now so
+        # the channel hears about a mistake; the orchestrator checks again, authoritatively.
+        raw = await svc.redis.hget(svc.keys.conversation(key.tenant, conv), "protocol")
+        protocol = (lam.Conversation.restore(json.loads(raw)) if raw
+                    else lam.Conversation(conv))
+        protocol.check(msg)
+        accepted = await _append_lam(svc, key.tenant, msg)
+        return JSONResponse({"message_id": str(msg.id), "conversation_id": conv,
+                             "status": "accepted" if accepted else "duplicate"},
+                            status_code=202 if accepted else 200)
+
+    async def _append_lam(svc: Services, tenant: str, msg: lam.LamMessage,
+                          refuse: str | None = None) -> bool:
+        from actors.jobstore import shard_for
+
+        conv = msg.correlation.conversation_id
+        seen = await svc.redis.set(svc.keys.idempotency(tenant, f"lam-{msg.id}"), "1",
+                                   nx=True, ex=svc.settings.queue.idempotency_ttl_s)
+        if not seen:
+            return False
+        fields = {"k": "lam", "t": tenant, "c": conv, "d": msg.encode().decode()}
+        if refuse:
+            fields["refuse"] = refuse
+        shard = shard_for(tenant, conv, svc.settings.runtime.shard_count())
+        await svc.redis.xadd(svc.keys.shard_inbox(shard), fields)  # type: ignore[arg-type]
+        return True
+
+    async def _lam_request(svc: Services, key: ApiKey, msg: lam.Request,
+                           doc: dict[str, Any]) -> JSONResponse:
+        conv = msg.correlation.conversation_id
+        text = msg.task or ""
+        result = await svc.router.route(text, locale=msg.context.locale) if text else None
+        if result is None or result.intent is None:
+            reason = result.reason if result else "the request has no task text to route"
+            await _append_lam(svc, key.tenant, msg, refuse=reason)
+            return JSONResponse({"message_id": str(msg.id), "conversation_id": conv,
+                                 "status": "refused", "reason": reason}, status_code=200)
+        todos = [t.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+                 for t in result.plan]
+        payload = msg.payload
+        priority = payload.get("priority", "normal")
+        if priority not in PRIORITIES:
+            raise ValidationFailed("payload.priority", priority,
+                                   "must be one of high, normal, low")
+        callback = payload.get("callback_url")
+        if callback is not None and (not isinstance(callback, str) or
+                                     not callback.startswith(("http://", "https://"))):
+            raise ValidationFailed("payload.callback_url", callback, "must be an http(s) URL")
+        meta = JobMeta(job_id=new_job_id(), tenant=key.tenant, conversation_id=conv, shard=0,
+                       todos=todos, priority=priority, request=msg.wire(),
+                       callback_url=callback, intent=result.intent,
+                       slots=dict(result.slots), source=result.source, text=text)
+        accepted = await svc.store.submit(meta, idempotency_key=f"lam:{msg.id}",
+                                          body_digest=body_hash(doc))
+        return JSONResponse({"job_id": accepted.job_id, "message_id": str(msg.id),
+                             "conversation_id": accepted.conversation_id,
+                             "status": accepted.status, "intent": result.intent,
+                             "slots": result.slots},
+                            status_code=202 if accepted.created else 200)
+
+    # -------------------------------------------------------------------- jobs
+
+    @app.get("/jobs")
+    async def list_jobs(request: Request, status: str | None = None, limit: int = 50,
+                        offset: int = 0) -> dict[str, Any]:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        if status is not None and status not in {s.value for s in JobStatus}:
+            raise ValidationFailed("status", status, "must be one of " +
+                                   ", ".join(s.value for s in JobStatus))
+        if not 1 <= limit <= 500:
+            raise ValidationFailed("limit", limit, "must be between 1 and 500")
+        if offset < 0:
+            raise ValidationFailed("offset", offset, "must be >= 0")
+        jobs, total = await svc.store.list(key.tenant, status=status, offset=offset,
+                                           limit=limit)
+        nxt = offset + len(jobs) if offset + len(jobs) < total else None
+        return {"jobs": jobs, "total": total, "offset": offset, "limit": limit,
+                "next_offset": nxt}
+
+    @app.get("/jobs/{job_id}")
+    async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        job = await svc.store.load(key.tenant, job_id)
+        return job.public()
+
+    @app.delete("/jobs/{job_id}", status_code=202)
+    async def cancel_job(request: Request, job_id: str) -> JSONResponse:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        summary = await svc.store.summary(key.tenant, job_id)
+        if summary is None:
+            raise NotFound(f"job {job_id!r} not found")
+        if JobStatus(summary["status"]).terminal:
+            return JSONResponse({"job_id": job_id, "status": summary["status"],
+                                 "message": "job already finished"}, status_code=200)
+        await svc.store.send_control(key.tenant, job_id, "cancel")
+        return JSONResponse({"job_id": job_id, "status": "cancelling"}, status_code=202)
+
+    @app.post("/jobs/{job_id}/retry", status_code=202)
+    async def retry_job(request: Request, job_id: str) -> JSONResponse:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        summary = await svc.store.summary(key.tenant, job_id)
+        if summary is None:
+            raise NotFound(f"job {job_id!r} not found")
+        if summary["status"] not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+            from actors.errors import Conflict
+
+            raise Conflict(f"job {job_id} is {summary['status']}; only failed or cancelled "
+                           "jobs can be retried")
+        await svc.store.send_control(key.tenant, job_id, "retry")
+        return JSONResponse({"job_id": job_id, "status": "retrying"}, status_code=202)
+
+    @app.get("/conversations/{conversation_id}/messages")
+    async def conversation_messages(request: Request, conversation_id: str,
+                                    after: str = "-", limit: int = 100) -> dict[str, Any]:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        if not 1 <= limit <= 1000:
+            raise ValidationFailed("limit", limit, "must be between 1 and 1000")
+        start = "-" if after == "-" else f"({after}"
+        entries: Any = await svc.redis.xrange(svc.keys.outbox(key.tenant, conversation_id),
+                                              min=start, count=limit)
+        return {"messages": [{"id": eid, "message": json.loads(f["m"])}
+                             for eid, f in entries]}
+
+    @app.websocket("/ws/jobs/{job_id}")
+    async def job_updates(ws: WebSocket, job_id: str) -> None:
+        svc = await services(ws)
+        api_key = ws.headers.get("x-api-key") or ws.query_params.get("api_key")
+        record = svc.settings.tenant_for_key(api_key or "")
+        if record is None:
+            await ws.close(code=4401, reason="missing or unknown API key")
+            return
+        try:
+            job = await svc.store.load(record.tenant, job_id)
+        except NotFound:
+            await ws.close(code=4404, reason="job not found")
+            return
+        await ws.accept()
+        pubsub = svc.redis.pubsub()
+        await pubsub.subscribe(svc.keys.events_channel(record.tenant, job_id))
+        svc.ws_clients += 1
+        try:
+            # Snapshot after subscribing, so no update falls between the two.
+            job = await svc.store.load(record.tenant, job_id)
+            await ws.send_json({"type": "snapshot", "job": job.public()})
+            terminal = job.status.terminal
+            while not terminal:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is None:
+                    continue
+                event = json.loads(msg["data"])
+                await ws.send_json({"type": "update", **event})
+                if "step" not in event and event.get("status") in (
+                        "succeeded", "failed", "cancelled"):
+                    terminal = True
+            await ws.close()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            svc.ws_clients -= 1
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # ------------------------------------------------------------------ ops
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        svc = await services(request)
+        report = await health_report(svc)
+        return JSONResponse(report, status_code=200 if report["status"] != "down" else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        svc = await services(request)
+        from serve.health import queue_metrics
+
+        text = generate_latest(request.app.state.registry)
+        text += await queue_metrics(svc)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/dlq")
+    async def dead_letters(request: Request, limit: int = 100) -> dict[str, Any]:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        entries = await svc.queue.list_dead(tenant=key.tenant, count=min(max(limit, 1), 1000))
+        return {"entries": [{"id": e.entry_id, "stream": e.stream, "reason": e.reason,
+                             "deliveries": e.deliveries, "ts": e.ts,
+                             "job_id": e.fields.get("job"), "step": e.fields.get("step")}
+                            for e in entries]}
+
+    @app.post("/dlq/{entry_id}/replay", status_code=202)
+    async def replay(request: Request, entry_id: str) -> dict[str, Any]:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        entries = await svc.queue.list_dead(tenant=key.tenant, count=10_000)
+        if not any(e.entry_id == entry_id for e in entries):
+            raise NotFound(f"dead-letter entry {entry_id!r} not found")
+        new_id = await svc.queue.replay_dead(entry_id)
+        return {"id": entry_id, "replayed_as": new_id}
+
+    @app.get("/")
+    async def index() -> dict[str, Any]:
+        return {"service": "cpa-scheduler", "time": time.time(),
+                "endpoints": ["/schedule", "/lam/message", "/jobs", "/health", "/metrics",
+                              "/ws/jobs/{id}", "/docs"]}
+
+    _ = ping  # health uses it through serve.health
+    return app

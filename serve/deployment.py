@@ -1,0 +1,40 @@
+"""The ingress as a Ray Serve deployment (import path ``serve.deployment:build_ingress``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve as ray_serve
+
+from actors.settings import load_settings
+from serve.app import create_app
+
+app = create_app()
+
+
+@ray_serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=256,
+    max_queued_requests=1000,
+    logging_config={"enable_access_log": False},
+)
+@ray_serve.ingress(app)
+class Ingress:
+    """HTTP/WS entry point. On start it makes sure the ConversationShard actors exist, so a
+    plain ``serve deploy configs/serve.yaml`` brings up a working system."""
+
+    def __init__(self, settings: dict[str, Any] | None = None, ensure_shards: bool = True
+                 ) -> None:
+        overrides = settings or {}
+        resolved = load_settings(**overrides)
+        app.state.settings = resolved
+        app.state.services = None
+        if ensure_shards:
+            from actors.cluster import ensure_shards as _ensure
+
+            _ensure(resolved, overrides)
+
+
+def build_ingress(args: dict[str, Any]) -> Any:
+    """Application builder: ``args`` = settings (overrides), ensure_shards."""
+    return Ingress.bind(**args)  # type: ignore[attr-defined]

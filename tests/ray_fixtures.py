@@ -1,0 +1,158 @@
+"""PYTEST_DONT_REWRITE
+
+One local Ray instance per test session, and a running CPA system on it (Serve ingress,
+noop pool, ConversationShards) under a unique Redis key prefix per test module.
+
+Use with ``pytest_plugins = ("tests.redis_fixtures", "tests.ray_fixtures")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.redis_fixtures import REDIS_URL, unique_prefix
+
+ACME = {"X-API-Key": "acme-dev-key"}
+GLOBEX = {"X-API-Key": "globex-dev-key"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """A private local Ray (never someone else's cluster; GCS never on 6379)."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    namespace = f"cpa-test-{uuid.uuid4().hex[:6]}"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=namespace,
+             log_to_driver=False, configure_logging=False)
+    try:
+        yield namespace
+    finally:
+        from ray import serve as ray_serve
+
+        try:
+            ray_serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@dataclass
+class System:
+    url: str
+    prefix: str
+    namespace: str
+    overrides: dict[str, Any]
+    http_port: int
+
+    def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=headers or ACME, timeout=30)
+
+    def wait_job(self, job_id: str, statuses: tuple[str, ...] = ("succeeded",),
+                 headers: dict[str, str] | None = None, within_s: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + within_s
+        last: dict[str, Any] = {}
+        with self.client(headers) as c:
+            while time.monotonic() < deadline:
+                r = c.get(f"/jobs/{job_id}")
+                if r.status_code == 200:
+                    last = r.json()
+                    if last["status"] in statuses:
+                        return last
+                time.sleep(0.05)
+        raise AssertionError(f"job {job_id} not in {statuses} after {within_s}s: {last}")
+
+
+_SERVE_PORT: dict[str, int] = {}
+
+
+def start_system(namespace: str, *, queue: dict[str, Any] | None = None,
+                 pools: tuple[tuple[str, str | None, int], ...] = (("noop", None, 8),),
+                 ) -> System:
+    from ray import serve as ray_serve
+
+    from actors.pools import build_pool
+    from serve.deployment import build_ingress
+
+    prefix = unique_prefix()
+    overrides: dict[str, Any] = {
+        "redis": {"url": REDIS_URL, "key_prefix": prefix},
+        "runtime": {"shards": 2, "ray_namespace": namespace},
+        "queue": {"visibility_timeout_s": 3.0, "heartbeat_interval_s": 0.5,
+                  "reclaim_interval_s": 0.5, "backoff_base_s": 0.05, "backoff_max_s": 0.5,
+                  **(queue or {})},
+    }
+    if "port" not in _SERVE_PORT:
+        _SERVE_PORT["port"] = free_port()
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": _SERVE_PORT["port"],
+                                      "request_timeout_s": 30})
+    port = _SERVE_PORT["port"]
+    route = f"/{prefix}"
+    ray_serve.run(build_ingress({"settings": overrides}), name=f"cpa-{prefix}",
+                  route_prefix=route, blocking=False)
+    for capability, executor, workers in pools:
+        args: dict[str, Any] = {"capability": capability, "settings": overrides,
+                                "workers": workers, "grace_s": 2.0}
+        if executor:
+            args["executor"] = executor
+        ray_serve.run(build_pool(args), name=f"pool-{capability}-{prefix}", route_prefix=None,
+                      blocking=False)
+    system = System(url=f"http://127.0.0.1:{port}{route}", prefix=prefix, namespace=namespace,
+                    overrides=overrides, http_port=port)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{system.url}/health", timeout=5)
+            if r.status_code == 200 and all(
+                    r.json()["pools"][cap]["replicas"] >= 1 for cap, _, _ in pools):
+                return system
+        except (httpx.HTTPError, KeyError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError("system did not become healthy in 120 s")
+
+
+def stop_system(system: System) -> None:
+    from ray import serve as ray_serve
+
+    from actors.cluster import stop_shards
+    from actors.settings import load_settings
+    from tests.redis_fixtures import delete_prefixed
+
+    for name in list(ray_serve.status().applications):
+        if name.endswith(system.prefix):
+            ray_serve.delete(name)
+    stop_shards(load_settings(**system.overrides))
+
+    async def _clean() -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(REDIS_URL, decode_responses=True)
+        await delete_prefixed(client, system.prefix)
+        await client.aclose()
+
+    asyncio.run(_clean())
+
+
+@pytest.fixture(scope="module")
+def system(ray_session: str) -> Iterator[System]:
+    sys_ = start_system(ray_session)
+    try:
+        yield sys_
+    finally:
+        stop_system(sys_)

@@ -1,0 +1,211 @@
+"""End to end over HTTP on a real local Ray (Serve ingress, pools, shards) and real Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.ray_fixtures import ACME, GLOBEX, System
+
+pytest_plugins = ("tests.redis_fixtures", "tests.ray_fixtures")
+pytestmark = pytest.mark.ray
+
+DIAMOND = [
+    {"action": "noop", "name": "A"},
+    {"action": "noop", "name": "B", "depends_on": [0]},
+    {"action": "noop", "name": "C", "depends_on": [0]},
+    {"action": "noop", "name": "D", "depends_on": [1, 2]},
+]
+DATEV = ("Finde in DATEV die letzte Rechnung für Firma X, exportiere PDF, sende per Mail an "
+         "anna@kunde.de")
+
+
+def lam_request(task: str, conv: str, tenant: str = "acme", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()), "ts": "2026-11-29T10:00:00Z", "type": "request",
+        "sender": "agent://channel/chat", "to": ["agent://scheduler/cpa"], "task": task,
+        "payload": {}, "context": {"tenant": tenant, "locale": "de-DE"},
+        "correlation": {"conversationId": conv}, **extra,
+    }
+
+
+def test_health_reports_redis_ray_and_pools(system: System) -> None:
+    with system.client() as c:
+        r = c.get("/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["redis"]["ok"] is True
+    assert body["ray"]["shards"] == {"expected": 2, "alive": 2}
+    assert body["pools"]["noop"]["state"] == "ok"
+
+
+def test_diamond_job_completes_in_dependency_order(system: System) -> None:
+    with system.client() as c:
+        r = c.post("/schedule", json={"todos": DIAMOND})
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert set(accepted) >= {"job_id", "conversation_id", "status"}
+    job = system.wait_job(accepted["job_id"])
+    steps = job["steps"]
+    assert [s["status"] for s in steps] == ["succeeded"] * 4
+    assert steps[0]["finished_at"] <= min(steps[1]["started_at"], steps[2]["started_at"])
+    assert max(steps[1]["finished_at"], steps[2]["finished_at"]) <= steps[3]["started_at"]
+
+
+def test_datev_request_dry_runs_to_nine_step_plan(system: System) -> None:
+    with system.client() as c:
+        r = c.post("/schedule", json={"text": DATEV, "dry_run": True})
+    assert r.status_code == 200, r.text
+    plan = r.json()
+    assert plan["intent"] == "invoice.export_and_mail"
+    assert plan["slots"]["recipient"] == "anna@kunde.de"
+    assert len(plan["todos"]) == 9
+    # A dry run creates nothing.
+    with system.client() as c:
+        assert c.get("/jobs").json()["total"] >= 0
+
+
+def test_lam_request_gets_agree_and_done(system: System) -> None:
+    conv = f"conv-{uuid.uuid4().hex[:8]}"
+    msg = lam_request("Öffne https://portal.example.com", conv)
+    with system.client() as c:
+        r = c.post("/lam/message", json=msg)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        # The same message again is not a second job.
+        again = c.post("/lam/message", json=msg)
+        assert again.status_code == 200 and again.json()["job_id"] == job_id
+    job = system.wait_job(job_id, ("succeeded", "failed"))
+    assert job["intent"] == "web.open"
+    with system.client() as c:
+        deadline = time.monotonic() + 10
+        types: list[str] = []
+        while time.monotonic() < deadline:
+            out = c.get(f"/conversations/{conv}/messages").json()["messages"]
+            types = [m["message"]["type"] for m in out]
+            if types and types[-1] in ("done", "failure"):
+                break
+            time.sleep(0.1)
+    assert types[0] == "agree"
+    assert types[-1] in ("done", "failure")
+    assert all(m["message"]["correlation"]["inReplyTo"] == msg["id"] for m in out)
+
+
+def test_unroutable_lam_request_is_refused(system: System) -> None:
+    conv = f"conv-{uuid.uuid4().hex[:8]}"
+    with system.client() as c:
+        r = c.post("/lam/message", json=lam_request("asdf qwer zxcv", conv))
+        assert r.status_code == 200
+        assert r.json()["status"] == "refused"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out = c.get(f"/conversations/{conv}/messages").json()["messages"]
+            if out:
+                break
+            time.sleep(0.1)
+    assert out[0]["message"]["type"] == "refuse"
+    assert out[0]["message"]["payload"]["reason"]
+
+
+def test_cancel_then_retry(system: System) -> None:
+    todos = [{"action": "sleep", "params": {"ms": 4000}, "timeout": 30},
+             {"action": "noop", "depends_on": [0]}]
+    with system.client() as c:
+        job_id = c.post("/schedule", json={"todos": todos}).json()["job_id"]
+        time.sleep(0.5)
+        r = c.delete(f"/jobs/{job_id}")
+        assert r.status_code == 202
+    job = system.wait_job(job_id, ("cancelled",))
+    assert {s["status"] for s in job["steps"]} == {"cancelled"}
+    with system.client() as c:
+        r = c.post(f"/jobs/{job_id}/retry")
+        assert r.status_code == 202, r.text
+    job = system.wait_job(job_id, ("succeeded",))
+    assert job["steps"][1]["status"] == "succeeded"
+    with system.client() as c:
+        assert c.post(f"/jobs/{job_id}/retry").status_code == 409
+
+
+def test_websocket_receives_step_updates(system: System) -> None:
+    from websockets.sync.client import connect
+
+    todos = [{"action": "sleep", "params": {"ms": 800}},
+             {"action": "noop", "depends_on": [0]}]
+    with system.client() as c:
+        job_id = c.post("/schedule", json={"todos": todos}).json()["job_id"]
+    ws_url = system.url.replace("http://", "ws://") + f"/ws/jobs/{job_id}"
+    messages = []
+    with connect(ws_url, additional_headers=ACME, open_timeout=30) as ws:
+        while True:
+            try:
+                messages.append(json.loads(ws.recv(timeout=30)))
+            except Exception:
+                break
+    assert messages[0]["type"] == "snapshot"
+    updates = [m for m in messages if m["type"] == "update"]
+    assert any(m.get("step") == 1 and m["status"] == "succeeded" for m in updates) or \
+        messages[-1].get("status") == "succeeded"
+    assert updates and updates[-1]["status"] == "succeeded"
+
+
+def test_other_tenant_gets_404(system: System) -> None:
+    with system.client() as c:
+        job_id = c.post("/schedule", json={"todos": DIAMOND[:1]}).json()["job_id"]
+    with system.client(GLOBEX) as g:
+        assert g.get(f"/jobs/{job_id}").status_code == 404
+        assert g.delete(f"/jobs/{job_id}").status_code == 404
+        assert g.post(f"/jobs/{job_id}/retry").status_code == 404
+        assert all(j["job_id"] != job_id for j in g.get("/jobs").json()["jobs"])
+
+
+def test_missing_or_bad_key_is_401(system: System) -> None:
+    r = httpx.post(f"{system.url}/schedule", json={"todos": DIAMOND})
+    assert r.status_code == 401
+    with system.client({"X-API-Key": "nope"}) as c:
+        assert c.get("/jobs").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "field"),
+    [
+        (b"{not json", "application/json", 422, "<body>"),
+        (b'{"type": "request"}', "application/json", 422, None),
+        (json.dumps({"type": "shout"}).encode(), "application/json", 422, "type"),
+        (b"hello", "text/plain", 415, None),
+        (b'{"a": 1, "a": 2}', "application/json", 422, "a"),
+        (b"[]", "application/json", 422, "<message>"),
+    ],
+)
+def test_malformed_lam_is_4xx(system: System, body: bytes, content_type: str, status: int,
+                              field: str | None) -> None:
+    with system.client() as c:
+        r = c.post("/lam/message", content=body, headers={**ACME, "Content-Type": content_type})
+    assert r.status_code == status, r.text
+    if field:
+        assert r.json()["field"] == field
+
+
+def test_bad_schedule_bodies_name_the_field(system: System) -> None:
+    cases = [
+        ({"todos": [{"action": "sned_mail"}]}, "todos[0].action", "send_mail"),
+        ({"todos": [{"action": "noop", "depends_on": [0]}]}, "todos[0].depends_on", None),
+        ({"todos": [{"action": "noop", "depends_on": [1]}, {"action": "noop",
+                                                          "depends_on": [0]}]},
+         "todos[0].depends_on", "todos[0] → todos[1] → todos[0]"),
+        ({"text": "x", "todos": DIAMOND}, "<message>", None),
+        ({"todos": DIAMOND, "priority": "urgent"}, "priority", None),
+        ({"todos": DIAMOND, "colour": "red"}, "colour", None),
+    ]
+    with system.client() as c:
+        for body, field, needle in cases:
+            r = c.post("/schedule", json=body)
+            assert r.status_code == 422, (body, r.text)
+            data = r.json()
+            assert data["field"] == field, data
+            if needle:
+                assert needle in json.dumps(data, ensure_ascii=False), data
