@@ -225,7 +225,13 @@ class IntentCatalogue:
             )
             intents.append(CompiledIntent(ispec, tuple(groups), tuple(phrases),
                                    tuple(re.compile(p) for p in ispec.patterns), info))
-        self._stems = sorted(ids, key=ids.__getitem__)
+        # Prefix, exact and typo matches share the word's first letter; only infix stems
+        # ("*rechnung") must be tried against every word.
+        self._by_letter: dict[str, list[tuple[int, str, str]]] = {}
+        self._infix: list[tuple[int, str, str]] = []
+        for (kind, stem), sid in ids.items():
+            bucket = self._infix if kind == "infix" else self._by_letter.setdefault(stem[0], [])
+            bucket.append((sid, kind, stem))
         self._intents = {i.spec.name: i for i in intents}
         self._cache: dict[str, frozenset[int]] = {}
 
@@ -297,7 +303,8 @@ class IntentCatalogue:
         """Ids of the word stems matching one normalised word (cached: words repeat)."""
         hit = self._cache.get(word)
         if hit is None:
-            hit = frozenset(i for i, (kind, stem) in enumerate(self._stems)
+            candidates = self._by_letter.get(word[:1], []) + self._infix
+            hit = frozenset(sid for sid, kind, stem in candidates
                             if _stem_matches(kind, stem, word))
             if len(self._cache) > 50_000:
                 self._cache.clear()

@@ -65,7 +65,9 @@ def _one_edit(a: str, b: str, *, substitute: bool) -> bool:
 
 # ---------------------------------------------------------------------------- document
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# Every pattern that starts with a repeated class is anchored with a look-behind, so a long
+# word is scanned once rather than from each of its letters (quadratic on 8 kB of "aaaa").
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _URL = re.compile(r"\bhttps?://[^\s<>\"'„“”«»]+", re.I)
 _TLDS = ("com|de|org|net|io|eu|at|ch|co|uk|info|biz|app|dev|ai|nl|fr|it|es|be|pl|se|us|"
          "local|internal|intern|example|test")
@@ -106,15 +108,22 @@ class Doc:
             if not self._inside(m.start(), self.urls):
                 value = m.group().rstrip(".,;:!?)")
                 self.urls.append(("https://" + value, m.start(), m.start() + len(value)))
-        quotes = [(m.group(), m.start(), m.end()) for m in _QUOTED.finditer(text)]
-        hard = self.emails + self.urls
+        hard = self._mask(self.emails + self.urls)
+        soft = self._mask([(m.group(), m.start(), m.end()) for m in _QUOTED.finditer(text)])
         self.tokens = [
             Tok(m.start(), m.end(), m.group(), normalize(m.group()),
-                self._inside(m.start(), hard), self._inside(m.start(), quotes))
+                hard[m.start()] == 1, soft[m.start()] == 1)
             for m in _WORD.finditer(text)
         ]
         self.has_upper = any(c.isupper() for c in text)
         self.memo: dict[str, list[Hit]] = {}
+
+    def _mask(self, spans: Sequence[Hit]) -> bytearray:
+        """One byte per character: 1 inside one of ``spans``."""
+        mask = bytearray(len(self.text))
+        for _, start, end in spans:
+            mask[start:end] = b"\x01" * (end - start)
+        return mask
 
     @staticmethod
     def _inside(pos: int, spans: Sequence[Hit]) -> bool:
@@ -157,8 +166,9 @@ def phrase_hits(doc: Doc, parts: Sequence[str]) -> Iterator[list[int]]:
     """Token indices of each occurrence of a phrase, its parts matched in order in one clause.
 
     A part is a word prefix (``=word``: the exact word). Up to two stop words may sit between
-    parts ("geh mal auf", "look it up"); after a ``...`` part any words may ("werte die Kosten
-    aus" for ``wert ... =aus``: German separable verbs put the particle last).
+    parts ("geh mal auf", "look it up"); after a ``...`` part up to ten words of any kind may
+    ("werte die Kosten aus" for ``wert ... =aus``: German separable verbs put the particle
+    last). The bounds keep this linear in the length of the request.
     """
     toks, n = doc.tokens, len(doc.tokens)
 
@@ -179,7 +189,7 @@ def phrase_hits(doc: Doc, parts: Sequence[str]) -> Iterator[list[int]]:
             k += 1
             skipped = 0
             while k < n and not doc.boundary(k) and not matches(k, part) and (
-                    gap_any or (skipped < 2 and toks[k].norm in STOPWORDS)):
+                    (gap_any and skipped < 10) or (skipped < 2 and toks[k].norm in STOPWORDS)):
                 k, skipped = k + 1, skipped + 1
             if k >= n or doc.boundary(k) or not matches(k, part):
                 break

@@ -38,7 +38,7 @@ def _percentile(samples: Sequence[float], q: float) -> float:
 def _report(label: str, samples_ms: Sequence[float]) -> float:
     p50, p99 = _percentile(samples_ms, 0.50), _percentile(samples_ms, 0.99)
     rate = len(samples_ms) / (sum(samples_ms) / 1000)
-    print(f"{label:<28} n={len(samples_ms):>6}  p50={p50:7.3f} ms  p99={p99:7.3f} ms  "
+    print(f"{label:<34} n={len(samples_ms):>6}  p50={p50:7.3f} ms  p99={p99:7.3f} ms  "
           f"max={max(samples_ms):7.3f} ms  mean={statistics.fmean(samples_ms):7.3f} ms  "
           f"{rate:9.0f} routes/s")
     return p99
@@ -68,7 +68,7 @@ async def _time_each_async(router: IntentRouter, texts: Sequence[str], rounds: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print p50/p99 latencies; exit 1 when a p99 misses the seed's 100 ms."""
+    """Print p50/p99 latencies; exit 1 when a p99 (or a hostile 8 kB text) misses 100 ms."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50, help="passes over the corpus")
     args = parser.parse_args(argv)
@@ -94,6 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     fallback = [t for t in texts if rules.route_rules(t).intent is None]
     samples = asyncio.run(_time_each_async(offline, fallback, args.rounds))
     worst = max(worst, _report("offline LLM path only", samples))
+
+    hostile = {
+        "one 8 kB word": "a" * 8_192,
+        "8 kB of addresses": ("a@b.de " * 1_200)[:8_192],
+        "8 kB of separable verbs": ("wert " * 1_700)[:8_192],
+        "8 kB of unique words": " ".join(f"r{i:x}stum" for i in range(1_200))[:8_192],
+    }
+    for label, text in hostile.items():  # the first of 5 runs meets an empty word cache
+        worst = max(worst, _report(f"hostile: {label}", _time_each([text], 5,
+                                                                    rules.route_rules)))
 
     verdict = "meets" if worst < TARGET_MS else "MISSES"
     print(f"worst p99 {worst:.3f} ms {verdict} the seed's target of {TARGET_MS:.0f} ms")
