@@ -357,6 +357,9 @@ def validate(doc: Any, limits: LamLimits | None = None) -> LamMessage:
     if not isinstance(doc, dict):
         raise ValidationFailed("<message>", doc, "a LAM message must be a JSON object")
     check_limits(doc, limits)
+    kind = doc.get("type")
+    if "type" in doc and kind not in MESSAGE_TYPES:
+        raise ValidationFailed("type", kind, "type must be one of " + ", ".join(MESSAGE_TYPES))
     missing = [name for name in WIRE_REQUIRED if name not in doc]
     if missing:
         raise MultipleValidationFailed(

@@ -52,7 +52,12 @@ class ExecutorPool:
         return self.status()
 
     def status(self) -> dict[str, Any]:
-        return {**self.worker.status(), "pid": __import__("os").getpid()}
+        import os
+
+        import ray
+
+        return {**self.worker.status(), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     async def check_health(self) -> None:
         if self.task.done():

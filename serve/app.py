@@ -13,6 +13,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -20,10 +21,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors import lam
 from actors.errors import (
     CpaError,
+    DependencyUnavailable,
     NoIntent,
     NotFound,
     PayloadTooLarge,
@@ -44,8 +48,10 @@ from serve.services import Services
 HTTP_CHANNEL_AGENT = "agent://channel/http"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API. Services are created lazily in the serving process."""
+def create_app(settings: Settings | None = None,
+               settings_provider: Callable[[], Settings | None] | None = None) -> FastAPI:
+    """Build the API. Services are created lazily in the serving process, from ``settings``,
+    else from ``settings_provider()`` (the Serve replica's own), else from the config files."""
     app = FastAPI(title="CPA Scheduler", version="0.1.0",
                   description="LAM-protocol orchestration core (see docs/api.md)")
     app.state.settings = settings
@@ -64,7 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with request.app.state.lock:
                 svc = request.app.state.services
                 if svc is None:
-                    svc = Services.create(request.app.state.settings)
+                    resolved = request.app.state.settings
+                    if resolved is None and settings_provider is not None:
+                        resolved = settings_provider()
+                    svc = Services.create(resolved)
                     request.app.state.services = svc
         return svc
 
@@ -86,6 +95,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers["WWW-Authenticate"] = "ApiKey"
         return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        err = DependencyUnavailable("redis", f"{type(exc).__name__}: {exc}")
+        return await _cpa_error(request, err)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = []
@@ -103,6 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _count(request: Request, call_next: Any) -> Response:
         try:
             response: Response = await call_next(request)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            response = JSONResponse(DependencyUnavailable("redis", str(exc)).to_dict(),
+                                    status_code=503, headers={"Retry-After": "1"})
         except Exception as exc:  # never leak a traceback as a bare 500
             response = JSONResponse({"error": "internal", "message": f"{type(exc).__name__}",
                                      "retryable": True}, status_code=500)
@@ -163,11 +181,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             locale = body.context.locale if body.context else None
             result = await svc.router.route(body.text, locale=locale)
             routed = result.to_json()
-            if result.intent is None:
+            if not result.complete:
                 if body.dry_run:
-                    return JSONResponse({"dry_run": True, "status": "no_match", **routed},
+                    status = "no_match" if result.intent is None else "missing_slots"
+                    return JSONResponse({"dry_run": True, "status": status, **routed},
                                         status_code=200)
-                raise NoIntent(result.reason)
+                if result.intent is None:
+                    raise NoIntent(result.reason)
+                raise ValidationFailed(
+                    "text", body.text, f"intent {result.intent} needs "
+                    f"{', '.join(result.missing_slots)}; say them in the text",
+                )
             todos = [t.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
                      for t in result.plan]
             intent, slots, source = result.intent, dict(result.slots), result.source
@@ -250,7 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         conv = msg.correlation.conversation_id
         text = msg.task or ""
         result = await svc.router.route(text, locale=msg.context.locale) if text else None
-        if result is None or result.intent is None:
+        if result is None or not result.complete:
             reason = result.reason if result else "the request has no task text to route"
             await _append_lam(svc, key.tenant, msg, refuse=reason)
             return JSONResponse({"message_id": str(msg.id), "conversation_id": conv,

@@ -6,10 +6,21 @@ from typing import Any
 
 from ray import serve as ray_serve
 
-from actors.settings import load_settings
+from actors.settings import Settings, load_settings
 from serve.app import create_app
 
-app = create_app()
+
+def _replica_settings() -> Settings | None:
+    """The settings the running Ingress replica was deployed with."""
+    try:
+        servable = ray_serve.get_replica_context().servable_object
+    except Exception:
+        return None
+    settings = getattr(servable, "settings", None)
+    return settings if isinstance(settings, Settings) else None
+
+
+app = create_app(settings_provider=_replica_settings)
 
 
 @ray_serve.deployment(
@@ -27,8 +38,7 @@ class Ingress:
                  ) -> None:
         overrides = settings or {}
         resolved = load_settings(**overrides)
-        app.state.settings = resolved
-        app.state.services = None
+        self.settings = resolved
         if ensure_shards:
             from actors.cluster import ensure_shards as _ensure
 

@@ -102,10 +102,10 @@ async def health_report(svc: Services) -> dict[str, Any]:
             pending = sum(n for state, n in serve_view["replica_states"].items()
                           if state in PENDING_STATES)
             if pending and not replicas:
-                pool["state"] = "unschedulable"
+                pool["state"] = "pending"
                 problems.append(
-                    f"pool {cap}: {pending} replica(s) pending and none running — no node "
-                    "matches its label_selector/resources (see configs/serve.yaml)")
+                    f"pool {cap}: {pending} replica(s) not placed and none running; if this "
+                    "persists, no node matches its label_selector/resources (configs/serve.yaml)")
         if "state" not in pool:
             if replicas:
                 pool["state"] = "ok"

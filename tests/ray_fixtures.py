@@ -82,8 +82,8 @@ _SERVE_PORT: dict[str, int] = {}
 
 
 def start_system(namespace: str, *, queue: dict[str, Any] | None = None,
-                 pools: tuple[tuple[str, str | None, int], ...] = (("noop", None, 8),),
-                 ) -> System:
+                 pools: tuple[dict[str, Any], ...] = ({"capability": "noop", "workers": 8},),
+                 redis_url: str = REDIS_URL) -> System:
     from ray import serve as ray_serve
 
     from actors.pools import build_pool
@@ -91,7 +91,7 @@ def start_system(namespace: str, *, queue: dict[str, Any] | None = None,
 
     prefix = unique_prefix()
     overrides: dict[str, Any] = {
-        "redis": {"url": REDIS_URL, "key_prefix": prefix},
+        "redis": {"url": redis_url, "key_prefix": prefix},
         "runtime": {"shards": 2, "ray_namespace": namespace},
         "queue": {"visibility_timeout_s": 3.0, "heartbeat_interval_s": 0.5,
                   "reclaim_interval_s": 0.5, "backoff_base_s": 0.05, "backoff_max_s": 0.5,
@@ -105,13 +105,10 @@ def start_system(namespace: str, *, queue: dict[str, Any] | None = None,
     route = f"/{prefix}"
     ray_serve.run(build_ingress({"settings": overrides}), name=f"cpa-{prefix}",
                   route_prefix=route, blocking=False)
-    for capability, executor, workers in pools:
-        args: dict[str, Any] = {"capability": capability, "settings": overrides,
-                                "workers": workers, "grace_s": 2.0}
-        if executor:
-            args["executor"] = executor
-        ray_serve.run(build_pool(args), name=f"pool-{capability}-{prefix}", route_prefix=None,
-                      blocking=False)
+    for pool in pools:
+        args: dict[str, Any] = {"settings": overrides, "grace_s": 2.0, **pool}
+        ray_serve.run(build_pool(args), name=f"pool-{pool['capability']}-{prefix}",
+                      route_prefix=None, blocking=False)
     system = System(url=f"http://127.0.0.1:{port}{route}", prefix=prefix, namespace=namespace,
                     overrides=overrides, http_port=port)
     deadline = time.monotonic() + 120
@@ -119,7 +116,7 @@ def start_system(namespace: str, *, queue: dict[str, Any] | None = None,
         try:
             r = httpx.get(f"{system.url}/health", timeout=5)
             if r.status_code == 200 and all(
-                    r.json()["pools"][cap]["replicas"] >= 1 for cap, _, _ in pools):
+                    r.json()["pools"][p["capability"]]["replicas"] >= 1 for p in pools):
                 return system
         except (httpx.HTTPError, KeyError):
             pass
@@ -142,7 +139,7 @@ def stop_system(system: System) -> None:
     async def _clean() -> None:
         import redis.asyncio as aioredis
 
-        client = aioredis.from_url(REDIS_URL, decode_responses=True)
+        client = aioredis.from_url(system.overrides["redis"]["url"], decode_responses=True)
         await delete_prefixed(client, system.prefix)
         await client.aclose()
 
@@ -151,7 +148,12 @@ def stop_system(system: System) -> None:
 
 @pytest.fixture(scope="module")
 def system(ray_session: str) -> Iterator[System]:
-    sys_ = start_system(ray_session)
+    sys_ = start_system(ray_session, pools=(
+        {"capability": "noop", "workers": 8},
+        {"capability": "browser", "workers": 2,
+         "executor": "actors.executors.unavailable:Unavailable",
+         "executor_args": {"capability": "browser"}},
+    ))
     try:
         yield sys_
     finally:

@@ -45,3 +45,30 @@ class SessionProbe(Executor):
 
     async def close_session(self, session: str) -> None:
         self.sessions.pop(session, None)
+
+
+class LedgerExecutor(Executor):
+    """Records every execution in a Redis list (an effect ledger for fault tests):
+    ``params.ledger`` names the list, ``params.ms`` makes the step take that long. The entry
+    is written after the wait, i.e. it is the step's effect."""
+
+    capability = "noop"
+
+    def __init__(self, redis_url: str = "redis://127.0.0.1:6379/0") -> None:
+        import redis.asyncio as aioredis
+
+        self.redis = aioredis.from_url(redis_url, decode_responses=True)
+        self.replica_id = ""
+
+    async def start(self, replica_id: str) -> None:
+        self.replica_id = replica_id
+
+    async def execute(self, step: StepInput) -> StepOutcome:
+        ms = float(step.todo.params.get("ms", 0))
+        if ms:
+            await asyncio.sleep(ms / 1000)
+        ledger = step.todo.params.get("ledger")
+        if isinstance(ledger, str) and ledger:
+            await self.redis.rpush(ledger, f"{step.job_id}:{step.step}:{step.attempt}:"
+                                           f"{self.replica_id}:{os.getpid()}")
+        return StepOutcome.success({"replica": self.replica_id, "pid": os.getpid()})
