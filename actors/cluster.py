@@ -55,7 +55,8 @@ def ensure_shards(settings: Settings, overrides: dict[str, Any] | None = None,
     namespace = settings.runtime.ray_namespace
     handles = [
         ShardActor.options(
-            name=SHARD_NAME.format(prefix=settings.redis.key_prefix, index=i), namespace=namespace, lifetime="detached",
+            name=SHARD_NAME.format(prefix=settings.redis.key_prefix, index=i),
+            namespace=namespace, lifetime="detached",
             get_if_exists=True,
         ).remote(i, overrides or {})
         for i in range(settings.runtime.shard_count())
