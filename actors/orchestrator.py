@@ -65,6 +65,7 @@ class Effects:
     events: list[dict[str, Any]] = field(default_factory=list)
     cancel_running: list[int] = field(default_factory=list)
     journal: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[tuple[Dispatch, str]] = field(default_factory=list)
 
     def merge(self, other: Effects) -> None:
         self.dispatches += other.dispatches
@@ -76,6 +77,7 @@ class Effects:
         self.events += other.events
         self.cancel_running += other.cancel_running
         self.journal += other.journal
+        self.dead_letters += other.dead_letters
 
 
 class Orchestrator:
@@ -191,6 +193,12 @@ class Orchestrator:
             return fx
         step.status = StepStatus.FAILED
         fx.events.append(self._event(job, res.step))
+        if step.error_kind != "dead_lettered":  # a poison entry is in the DLQ already
+            fx.dead_letters.append((
+                self._entry(job, res.step, None),
+                f"step failed after {step.attempts} attempt(s) ({step.error_kind}): "
+                f"{step.error}",
+            ))
         self._fail_job(job, fx, f"step {res.step} ({job.graph.steps[res.step].action}) failed "
                                 f"after {step.attempts} attempt(s): {step.error}")
         return fx
@@ -320,23 +328,25 @@ class Orchestrator:
         step.started_at = None
         step.finished_at = None
         fx.changed_steps.add(index)
+        fx.dispatches.append(self._entry(job, index, due))
+        if due is None:
+            fx.events.append(self._event(job, index))
+
+    def _entry(self, job: Job, index: int, due: float | None) -> Dispatch:
+        """The task-stream entry of the step's current attempt."""
         session = job.graph.sessions[index]
         replica = job.sessions.get(session) if session is not None else None
         todo = job.graph.steps[index]
         payload: dict[str, Any] = {
             "job": job.job_id, "tenant": job.tenant, "conv": job.meta.conversation_id,
-            "shard": job.meta.shard, "step": index, "attempt": step.attempts,
+            "shard": job.meta.shard, "step": index, "attempt": job.steps[index].attempts,
             "todo": todo.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
             "timeout_s": job.graph.timeouts_s[index], "cap": job.graph.capabilities[index],
         }
         if session is not None:
             payload["session"] = f"{job.job_id}:{session}"
-        fx.dispatches.append(Dispatch(
-            job_id=job.job_id, step=index, capability=job.graph.capabilities[index],
-            priority=job.meta.priority, payload=payload, replica=replica, due=due,
-        ))
-        if due is None:
-            fx.events.append(self._event(job, index))
+        return Dispatch(job_id=job.job_id, step=index, capability=job.graph.capabilities[index],
+                        priority=job.meta.priority, payload=payload, replica=replica, due=due)
 
     def _fail_job(self, job: Job, fx: Effects, reason: str) -> None:
         # Everything downstream of a failed step can never run: mark it skipped.

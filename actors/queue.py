@@ -250,6 +250,17 @@ def delayed_member(stream: str, fields: Mapping[str, str]) -> str:
                       separators=(",", ":"), ensure_ascii=False)
 
 
+def dead_letter_fields(stream: str, entry_id: str, fields: Mapping[str, str], reason: str,
+                       deliveries: int, ts: float) -> dict[str, str]:
+    """The DLQ entry for ``fields`` of ``stream`` (for callers that XADD it inside their own
+    transaction, like the shard dead-lettering a step whose retries are exhausted)."""
+    return {
+        "stream": stream, "id": entry_id, "reason": reason, "ts": repr(ts),
+        "deliveries": str(deliveries), "tenant": fields.get("tenant", ""),
+        "f": json.dumps(dict(fields), separators=(",", ":"), ensure_ascii=False),
+    }
+
+
 # ------------------------------------------------------------------------- the queue
 
 
@@ -559,11 +570,7 @@ class TaskQueue:
 
     def _dead_fields(self, stream: str, entry_id: str, fields: Mapping[str, str], reason: str,
                      deliveries: int) -> dict[str, str]:
-        return {
-            "stream": stream, "id": entry_id, "reason": reason, "ts": repr(self._clock()),
-            "deliveries": str(deliveries), "tenant": fields.get("tenant", ""),
-            "f": json.dumps(dict(fields), separators=(",", ":"), ensure_ascii=False),
-        }
+        return dead_letter_fields(stream, entry_id, fields, reason, deliveries, self._clock())
 
     async def dead_letter(self, stream: str, fields: Mapping[str, str], reason: str) -> str:
         """Put an entry that belongs to ``stream`` into the DLQ (e.g. a step whose retries

@@ -30,8 +30,14 @@ from actors.errors import CpaError, NotFound
 from actors.jobs import Job, JobStatus
 from actors.jobstore import INBOX_GROUP, JobStore, job_to_fields
 from actors.keys import Keys
-from actors.orchestrator import Effects, Orchestrator, StepResult, restartable_sessions
-from actors.queue import TaskQueue, delayed_member
+from actors.orchestrator import (
+    Dispatch,
+    Effects,
+    Orchestrator,
+    StepResult,
+    restartable_sessions,
+)
+from actors.queue import TaskQueue, dead_letter_fields, delayed_member
 from actors.redisconn import connect
 from actors.retry import RetryPolicy
 from actors.settings import Settings
@@ -325,14 +331,16 @@ class ShardRuntime:
                 pipe.sadd(active_key(keys, self.index), member)
         maxlen = self.settings.queue.stream_maxlen
         for d in fx.dispatches:
-            stream = (keys.replica_stream(d.capability, d.replica) if d.replica
-                      else keys.task_stream(d.capability, d.priority))
-            entry = {"d": json.dumps(d.payload, separators=(",", ":"), ensure_ascii=False),
-                     "job": d.job_id, "step": str(d.step), "tenant": str(d.payload["tenant"])}
+            stream, entry = _stream_entry(keys, d)
             if d.due is not None:
                 pipe.zadd(keys.shard_delayed(self.index), {delayed_member(stream, entry): d.due})
             else:
                 pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+        for d, reason in fx.dead_letters:
+            stream, entry = _stream_entry(keys, d)
+            pipe.xadd(keys.dlq(), dead_letter_fields(  # type: ignore[arg-type]
+                stream, "", entry, reason, int(d.payload["attempt"]), self.clock()),
+                maxlen=maxlen, approximate=True)
         if fx.replies:
             outbox = keys.outbox(orch.tenant, orch.conversation_id)
             for msg in fx.replies:
@@ -351,10 +359,12 @@ class ShardRuntime:
         await self._after_commit(orch, job, fx)
 
     async def _after_commit(self, orch: Orchestrator, job: Job | None, fx: Effects) -> None:
-        if job is not None and (fx.events or fx.cancel_running):
+        if job is not None and (fx.events or fx.cancel_running or fx.replies):
             pipe = self.redis.pipeline(transaction=False)
             channel = self.keys.events_channel(job.tenant, job.job_id)
-            for event in fx.events:
+            for msg in fx.replies:  # WebSocket subscribers see the LAM replies too
+                pipe.publish(channel, json.dumps({"job_id": job.job_id, "lam": msg.wire()}))
+            for event in fx.events:  # last: the job's terminal event closes the socket
                 pipe.publish(channel, json.dumps(event, default=str))
             if fx.cancel_running:
                 pipe.publish(cancel_channel(self.keys), json.dumps(
@@ -423,6 +433,15 @@ class ShardRuntime:
             if any(not j.status.terminal for j in orch.jobs.values()):
                 continue  # running jobs stay resident (their sessions are watched)
             del self.mailboxes[key]
+
+
+def _stream_entry(keys: Keys, d: Dispatch) -> tuple[str, dict[str, str]]:
+    """The task stream and entry fields of a dispatch."""
+    stream = (keys.replica_stream(d.capability, d.replica) if d.replica
+              else keys.task_stream(d.capability, d.priority))
+    entry = {"d": json.dumps(d.payload, separators=(",", ":"), ensure_ascii=False),
+             "job": d.job_id, "step": str(d.step), "tenant": str(d.payload["tenant"])}
+    return stream, entry
 
 
 def _decode_result(job_id: str, fields: dict[str, str]) -> StepResult:

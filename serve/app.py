@@ -397,6 +397,9 @@ def create_app(settings: Settings | None = None,
                 if msg is None:
                     continue
                 event = json.loads(msg["data"])
+                if "lam" in event:
+                    await ws.send_json({"type": "lam", "message": event["lam"]})
+                    continue
                 await ws.send_json({"type": "update", **event})
                 if "step" not in event and event.get("status") in (
                         "succeeded", "failed", "cancelled"):
@@ -441,8 +444,22 @@ def create_app(settings: Settings | None = None,
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
         entries = await svc.queue.list_dead(tenant=key.tenant, count=10_000)
-        if not any(e.entry_id == entry_id for e in entries):
+        entry = next((e for e in entries if e.entry_id == entry_id), None)
+        if entry is None:
             raise NotFound(f"dead-letter entry {entry_id!r} not found")
+        job_id = entry.fields.get("job")
+        if job_id:
+            # A step of a job: the job failed because of it, so replay = retry the job's
+            # failed steps (its orchestrator re-dispatches them with a fresh attempt).
+            summary = await svc.store.summary(key.tenant, job_id)
+            if summary is not None and summary["status"] in ("failed", "cancelled"):
+                await svc.store.send_control(key.tenant, job_id, "retry")
+                await svc.queue.purge_dead(entry_id)
+                return {"id": entry_id, "replayed_as": "job_retry", "job_id": job_id}
+            if summary is not None:
+                await svc.queue.purge_dead(entry_id)
+                return {"id": entry_id, "replayed_as": "nothing", "job_id": job_id,
+                        "status": summary["status"]}
         new_id = await svc.queue.replay_dead(entry_id)
         return {"id": entry_id, "replayed_as": new_id}
 

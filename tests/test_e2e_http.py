@@ -153,6 +153,8 @@ def test_websocket_receives_step_updates(system: System) -> None:
     assert any(m.get("step") == 1 and m["status"] == "succeeded" for m in updates) or \
         messages[-1].get("status") == "succeeded"
     assert updates and updates[-1]["status"] == "succeeded"
+    lam_types = [m["message"]["type"] for m in messages if m["type"] == "lam"]
+    assert "done" in lam_types, messages
 
 
 def test_other_tenant_gets_404(system: System) -> None:

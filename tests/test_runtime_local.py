@@ -238,3 +238,47 @@ async def test_shard_restart_resumes(runtime: Runtime) -> None:
     runtime.start_shards()
     job = await runtime.wait(job_id, within_s=20)
     assert all(s["attempts"] == 1 for s in job["steps"]), job["steps"]
+
+
+async def test_exhausted_step_is_dead_lettered_and_replayable(runtime: Runtime) -> None:
+    runtime.start_shards()
+    runtime.start_worker("noop", NoopExecutor(), "noop-1")
+    job_id = await runtime.submit([{"action": "noop", "params": {"fail": "boom"},
+                                    "max_attempts": 2}])
+    await runtime.wait(job_id, ("failed",))
+    dead = await runtime.shards[0].queue.list_dead(tenant="acme", count=10)
+    mine = [d for d in dead if d.fields.get("job") == job_id]
+    assert len(mine) == 1
+    assert "after 2 attempt(s)" in mine[0].reason and "boom" in mine[0].reason
+    assert mine[0].stream == runtime.keys.task_stream("noop", "normal")
+
+
+async def test_lost_session_replica_restarts_session_elsewhere(runtime: Runtime) -> None:
+    """D8: the replica owning a session dies → the session re-runs from its first step on
+    another replica, and every step of the job ends up on that one replica."""
+    runtime.start_shards()
+    first = runtime.start_worker("browser", SessionProbe(), "b-doomed", workers=2)
+    todos = [{"action": "playwright", "params": {"first": True}},
+             {"action": "click", "selector": "#a", "depends_on": [0], "params": {"ms": 4000}},
+             {"action": "click", "selector": "#b", "depends_on": [1]}]
+    job_id = await runtime.submit(todos)
+
+    async def step1_running() -> bool:
+        job = await runtime.store.load("acme", job_id)
+        return job.steps[0].status.value == "succeeded" and bool(first.running)
+
+    await wait_for(step1_running)
+    # Crash the owner: no graceful shutdown, its liveness key expires (TTL) by itself.
+    for task in runtime.tasks:
+        if not task.done() and getattr(task.get_coro(), "__self__", None) is first:
+            task.cancel()
+    first._stopping.set()
+    for _, task in list(first.running.values()):
+        task.cancel()
+    for bg in first._background:
+        bg.cancel()
+    await runtime.redis.delete(runtime.keys.replica_alive("browser", "b-doomed"))
+    runtime.start_worker("browser", SessionProbe(), "b-survivor", workers=2)
+    job = await runtime.wait(job_id, within_s=30)
+    assert {s["replica"] for s in job["steps"]} == {"b-survivor"}
+    assert job["steps"][0]["attempts"] == 2  # the session's first step ran again
