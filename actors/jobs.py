@@ -149,6 +149,7 @@ class Job:
     sessions: dict[str, str] = field(default_factory=dict)  # session id -> owning replica
     session_restarts: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    parsed_request: Any = None  # cache of meta.request as a LAM model (not persisted)
 
     @property
     def job_id(self) -> str:

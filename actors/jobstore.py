@@ -109,6 +109,24 @@ class JobStore:
         A repeated idempotency key with the same body returns the original job; with a
         different body it raises :class:`IdempotencyMismatch`.
         """
+        keys, args = self._intake_call(meta, idempotency_key, body_digest)
+        with redis_errors("intake"):
+            code, value = await self._intake(keys=keys, args=args)
+        value = value.decode() if isinstance(value, bytes) else str(value)
+        if int(code) == 1:
+            return Accepted(meta.job_id, meta.conversation_id, True, JobStatus.QUEUED.value)
+        if int(code) == 2:
+            raise InternalError(f"job id {meta.job_id} already exists; job ids must be fresh")
+        original_id, _, original_hash = value.partition("|")
+        if original_hash != body_digest:
+            raise IdempotencyMismatch(idempotency_key or "", original_id)
+        summary = await self.summary(meta.tenant, original_id)
+        conv = summary["conversation_id"] if summary else meta.conversation_id
+        status = summary["status"] if summary else JobStatus.QUEUED.value
+        return Accepted(original_id, conv, False, status)
+
+    def _intake_call(self, meta: JobMeta, idempotency_key: str | None, body_digest: str
+                     ) -> tuple[list[str], list[str]]:
         meta.shard = shard_for(meta.tenant, meta.conversation_id, self.shards)
         created = meta.created_at or self.clock()
         meta.created_at = created
@@ -129,20 +147,23 @@ class JobStore:
         args = ["1" if idempotency_key else "0", meta.job_id, body_digest,
                 str(self.idempotency_ttl_s), repr(created), str(self.inbox_maxlen),
                 str(len(fields)), *flat_fields, *entry]
-        with redis_errors("intake"):
-            code, value = await self._intake(keys=keys, args=args)
-        value = value.decode() if isinstance(value, bytes) else str(value)
-        if int(code) == 1:
-            return Accepted(meta.job_id, meta.conversation_id, True, JobStatus.QUEUED.value)
-        if int(code) == 2:
-            raise InternalError(f"job id {meta.job_id} already exists; job ids must be fresh")
-        original_id, _, original_hash = value.partition("|")
-        if original_hash != body_digest:
-            raise IdempotencyMismatch(idempotency_key or "", original_id)
-        summary = await self.summary(meta.tenant, original_id)
-        conv = summary["conversation_id"] if summary else meta.conversation_id
-        status = summary["status"] if summary else JobStatus.QUEUED.value
-        return Accepted(original_id, conv, False, status)
+        return keys, args
+
+    async def submit_many(self, metas: list[JobMeta]) -> list[Accepted]:
+        """Accept many jobs (no idempotency keys) in one round trip; each job atomically."""
+        pipe = self.redis.pipeline(transaction=False)
+        for meta in metas:
+            keys, args = self._intake_call(meta, None, "")
+            await self._intake(keys=keys, args=args, client=pipe)
+        with redis_errors("batch intake"):
+            replies = await pipe.execute()
+        out = []
+        for meta, (code, _) in zip(metas, replies, strict=True):
+            if int(code) != 1:
+                raise InternalError(f"job id {meta.job_id} already exists")
+            out.append(Accepted(meta.job_id, meta.conversation_id, True,
+                                JobStatus.QUEUED.value))
+        return out
 
     async def load(self, tenant: str, job_id: str) -> Job:
         """The whole job (graph and every step). Another tenant's job is NotFound."""

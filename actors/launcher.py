@@ -223,3 +223,60 @@ def check_serve_config(path: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("applications"), list):
         raise ConfigError(f"{path}: must have an `applications` list")
     return cfg
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def deploy_system(overrides: dict[str, Any], *, http_port: int = 0, route_prefix: str = "/",
+                  pools: list[dict[str, Any]] | None = None, ingress_replicas: int = 1,
+                  app_suffix: str = "", within_s: float = 120.0) -> str:
+    """Deploy the ingress and executor pools on the connected Ray (programmatic twin of
+    serve.yaml, for benchmarks and tests); returns the API base URL once healthy.
+
+    ``pools``: build_pool args plus an optional ``num_replicas``. Serve's HTTP proxy is
+    started on ``http_port`` (0: a free one) unless it runs already.
+    """
+    from ray import serve as ray_serve
+
+    from actors.pools import ExecutorPool
+    from serve.deployment import Ingress
+
+    pools = pools if pools is not None else [{"capability": "noop", "workers": 16}]
+    status = ray_serve.status()
+    if not status.proxies:
+        port = http_port or free_port()
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port,
+                                      "request_timeout_s": 30})
+    elif http_port:
+        port = http_port
+    else:
+        raise ConfigError("Serve already runs on this cluster: pass its http_port")
+    ingress = Ingress.options(num_replicas=ingress_replicas).bind(  # type: ignore[attr-defined]
+        settings=overrides)
+    ray_serve.run(ingress, name=f"cpa{app_suffix}", route_prefix=route_prefix)
+    for pool in pools:
+        args = {"settings": overrides, **pool}
+        replicas = int(args.pop("num_replicas", 1))
+        app = ExecutorPool.options(num_replicas=replicas).bind(**args)  # type: ignore[attr-defined]
+        ray_serve.run(app, name=f"pool-{pool['capability']}{app_suffix}", route_prefix=None)
+    base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    deadline = time.monotonic() + within_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base}/health", timeout=5)
+            body = r.json()
+            if r.status_code == 200 and all(
+                    body["pools"][p["capability"]]["replicas"] >= int(p.get("num_replicas", 1))
+                    for p in pools):
+                return base
+            last = r.text[:500]
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise DependencyUnavailable("cpa", f"deployment not healthy after {within_s:.0f} s: {last}")

@@ -408,8 +408,10 @@ class Orchestrator:
     def _request_of(self, job: Job) -> lam.Request | None:
         if job.meta.request is None:
             return None
-        msg = lam.validate(job.meta.request)
-        return msg if isinstance(msg, lam.Request) else None
+        if job.parsed_request is None:
+            msg = lam.validate(job.meta.request)
+            job.parsed_request = msg if isinstance(msg, lam.Request) else False
+        return job.parsed_request or None
 
     def _reply(self, job: Job, kind: lam.MessageType, payload: dict[str, Any]
                ) -> lam.LamMessage | None:

@@ -206,6 +206,9 @@ class HttpSettings(_Section):
         1_000, ge=1, description="Requests waiting in Serve before 503, count."
     )
     request_timeout_s: float = Field(30.0, gt=0, description="End-to-end request limit, seconds.")
+    max_batch_jobs: int = Field(
+        1_000, ge=1, le=100_000, description="Most jobs in one POST /schedule/batch, count."
+    )
     api_keys: tuple[ApiKey, ...] = Field(
         (), description="API keys (hashed). The dev profile ships acme and globex."
     )

@@ -159,24 +159,26 @@ def create_app(settings: Settings | None = None,
             raise ValidationFailed("Idempotency-Key", key, "must be 1..256 characters")
         return key
 
-    @app.post("/schedule", status_code=202)
-    async def schedule(request: Request) -> JSONResponse:
-        svc = await services(request)
-        key = tenant_of(svc, request.headers.get("x-api-key"))
-        doc = await read_json(request, svc)
+    async def plan_job(svc: Services, key: ApiKey, doc: Any, field: str = ""
+                       ) -> tuple[JobMeta | None, dict[str, Any]]:
+        """Validate one /schedule body and turn it into a job (or a dry-run answer).
+
+        Returns (meta, info); meta is None for a dry run (info is then the answer).
+        ``field`` prefixes error paths (``jobs[3].``) in batches."""
         if not isinstance(doc, dict):
-            raise ValidationFailed("<body>", doc, "the body must be a JSON object")
+            raise ValidationFailed(field.rstrip(".") or "<body>", doc,
+                                   "a schedule request must be a JSON object")
         try:
             body = ScheduleRequest.model_validate(doc)
         except ValidationError as exc:
-            raise lam.pydantic_to_failed(exc) from exc
+            raise lam.pydantic_to_failed(exc, prefix=field.rstrip(".")) from exc
         routed: dict[str, Any] | None = None
         intent = None
         slots: dict[str, Any] = {}
         source = "explicit"
         if body.text is not None:
             if len(body.text) > svc.settings.lam.max_task_chars:
-                raise ValidationFailed("text", body.text, f"must be at most "
+                raise ValidationFailed(f"{field}text", body.text, f"must be at most "
                                        f"{svc.settings.lam.max_task_chars} characters")
             locale = body.context.locale if body.context else None
             result = await svc.router.route(body.text, locale=locale)
@@ -184,12 +186,11 @@ def create_app(settings: Settings | None = None,
             if not result.complete:
                 if body.dry_run:
                     status = "no_match" if result.intent is None else "missing_slots"
-                    return JSONResponse({"dry_run": True, "status": status, **routed},
-                                        status_code=200)
+                    return None, {"dry_run": True, "status": status, **routed}
                 if result.intent is None:
                     raise NoIntent(result.reason)
                 raise ValidationFailed(
-                    "text", body.text, f"intent {result.intent} needs "
+                    f"{field}text", body.text, f"intent {result.intent} needs "
                     f"{', '.join(result.missing_slots)}; say them in the text",
                 )
             todos = [t.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
@@ -197,7 +198,7 @@ def create_app(settings: Settings | None = None,
             intent, slots, source = result.intent, dict(result.slots), result.source
         else:
             todos = body.todos or []
-        graph = build_graph(todos, limits=svc.settings.graph)
+        graph = build_graph(todos, limits=svc.settings.graph, field=f"{field}todos")
         if body.dry_run:
             out: dict[str, Any] = {"dry_run": True, "status": "planned", "intent": intent,
                                    "slots": slots, "source": source, "todos": graph.to_json(),
@@ -206,29 +207,74 @@ def create_app(settings: Settings | None = None,
                                    "sessions": list(graph.sessions)}
             if routed:
                 out.update({k: v for k, v in routed.items() if k not in out and k != "plan"})
-            return JSONResponse(out, status_code=200)
+            return None, out
         conv = body.conversation_id or f"conv-{uuid.uuid4().hex}"
-        context = lam.Context(tenant=key.tenant,
-                              domain=body.context.domain if body.context else None,
-                              locale=body.context.locale if body.context else None)
-        req = lam.Request(sender=HTTP_CHANNEL_AGENT, to=(SCHEDULER_AGENT,), intent=intent,
-                          task=body.text or f"explicit plan of {len(todos)} steps",
-                          payload={"slots": slots} if slots else {}, context=context,
-                          correlation=lam.Correlation(conversation_id=conv))
+        context: dict[str, Any] = {"tenant": key.tenant}
+        if body.context is not None:
+            context.update(body.context.model_dump(exclude_none=True))
+        # The LAM request this job answers (replies thread on it); built as wire JSON
+        # directly: every field is already validated above.
+        req: dict[str, Any] = {
+            "id": str(uuid.uuid4()), "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "version": lam.PROTOCOL_VERSION, "type": "request", "sender": HTTP_CHANNEL_AGENT,
+            "to": [SCHEDULER_AGENT], "task": body.text or f"explicit plan of {len(todos)} steps",
+            "payload": {"slots": slots} if slots else {}, "context": context,
+            "correlation": {"conversationId": conv},
+        }
+        if intent:
+            req["intent"] = intent
         meta = JobMeta(job_id=new_job_id(), tenant=key.tenant, conversation_id=conv, shard=0,
-                       todos=todos, priority=body.priority, request=req.wire(),
+                       todos=todos, priority=body.priority, request=req,
                        callback_url=body.callback_url, intent=intent, slots=slots,
                        source=source, text=body.text, max_attempts=body.max_attempts)
-        digest = body_hash(doc)
+        return meta, {"intent": intent, "steps": len(todos)}
+
+    @app.post("/schedule", status_code=202)
+    async def schedule(request: Request) -> JSONResponse:
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        doc = await read_json(request, svc)
+        meta, info = await plan_job(svc, key, doc)
+        if meta is None:
+            return JSONResponse(info, status_code=200)
         accepted = await svc.store.submit(meta, idempotency_key=idempotency_key(request),
-                                          body_digest=digest)
+                                          body_digest=body_hash(doc))
         if accepted.created:
             accepted_total.labels(key.tenant).inc()
         return JSONResponse({"job_id": accepted.job_id,
                              "conversation_id": accepted.conversation_id,
-                             "status": accepted.status, "intent": intent,
-                             "steps": len(todos)},
+                             "status": accepted.status, **info},
                             status_code=202 if accepted.created else 200)
+
+    @app.post("/schedule/batch", status_code=202)
+    async def schedule_batch(request: Request) -> JSONResponse:
+        """Many jobs in one round trip (high-volume channels). Every job is validated before
+        any is written; each job is then accepted atomically, in order."""
+        svc = await services(request)
+        key = tenant_of(svc, request.headers.get("x-api-key"))
+        doc = await read_json(request, svc)
+        limit = svc.settings.http.max_batch_jobs
+        if not isinstance(doc, dict) or set(doc) != {"jobs"}:
+            raise ValidationFailed("<body>", doc, 'the body must be {"jobs": [...]}')
+        jobs = doc["jobs"]
+        if not isinstance(jobs, list) or not 1 <= len(jobs) <= limit:
+            raise ValidationFailed("jobs", f"<{type(jobs).__name__} of "
+                                   f"{len(jobs) if isinstance(jobs, list) else '?'}>",
+                                   f"must be a list of 1..{limit} schedule requests",
+                                   quote=False)
+        metas = []
+        for i, item in enumerate(jobs):
+            if isinstance(item, dict) and item.get("dry_run"):
+                raise ValidationFailed(f"jobs[{i}].dry_run", True,
+                                       "dry runs are not batched; use POST /schedule")
+            meta, _ = await plan_job(svc, key, item, field=f"jobs[{i}].")
+            assert meta is not None
+            metas.append(meta)
+        accepted = await svc.store.submit_many(metas)
+        accepted_total.labels(key.tenant).inc(len(accepted))
+        return JSONResponse({"jobs": [{"job_id": a.job_id, "conversation_id": a.conversation_id,
+                                       "status": a.status} for a in accepted]},
+                            status_code=202)
 
     @app.post("/lam/message", status_code=202)
     async def lam_message(request: Request) -> JSONResponse:

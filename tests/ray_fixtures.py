@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,16 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
+from actors.launcher import free_port
 from tests.redis_fixtures import REDIS_URL, unique_prefix
+
+__all__ = ["ACME", "GLOBEX", "System", "free_port", "start_system", "stop_system"]
 
 ACME = {"X-API-Key": "acme-dev-key"}
 GLOBEX = {"X-API-Key": "globex-dev-key"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -84,10 +80,8 @@ _SERVE_PORT: dict[str, int] = {}
 def start_system(namespace: str, *, queue: dict[str, Any] | None = None,
                  pools: tuple[dict[str, Any], ...] = ({"capability": "noop", "workers": 8},),
                  redis_url: str = REDIS_URL) -> System:
-    from ray import serve as ray_serve
-
-    from actors.pools import build_pool
-    from serve.deployment import build_ingress
+    """Deploy ingress + pools + shards under a fresh key prefix on the session's Ray."""
+    from actors.launcher import deploy_system
 
     prefix = unique_prefix()
     overrides: dict[str, Any] = {
@@ -97,31 +91,12 @@ def start_system(namespace: str, *, queue: dict[str, Any] | None = None,
                   "reclaim_interval_s": 0.5, "backoff_base_s": 0.05, "backoff_max_s": 0.5,
                   **(queue or {})},
     }
-    if "port" not in _SERVE_PORT:
-        _SERVE_PORT["port"] = free_port()
-        ray_serve.start(http_options={"host": "127.0.0.1", "port": _SERVE_PORT["port"],
-                                      "request_timeout_s": 30})
-    port = _SERVE_PORT["port"]
-    route = f"/{prefix}"
-    ray_serve.run(build_ingress({"settings": overrides}), name=f"cpa-{prefix}",
-                  route_prefix=route, blocking=False)
-    for pool in pools:
-        args: dict[str, Any] = {"settings": overrides, "grace_s": 2.0, **pool}
-        ray_serve.run(build_pool(args), name=f"pool-{pool['capability']}-{prefix}",
-                      route_prefix=None, blocking=False)
-    system = System(url=f"http://127.0.0.1:{port}{route}", prefix=prefix, namespace=namespace,
-                    overrides=overrides, http_port=port)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{system.url}/health", timeout=5)
-            if r.status_code == 200 and all(
-                    r.json()["pools"][p["capability"]]["replicas"] >= 1 for p in pools):
-                return system
-        except (httpx.HTTPError, KeyError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError("system did not become healthy in 120 s")
+    port = _SERVE_PORT.setdefault("port", free_port())
+    url = deploy_system(overrides, http_port=port, route_prefix=f"/{prefix}",
+                        pools=[{"grace_s": 2.0, **pool} for pool in pools],
+                        app_suffix=f"-{prefix}")
+    return System(url=url, prefix=prefix, namespace=namespace, overrides=overrides,
+                  http_port=port)
 
 
 def stop_system(system: System) -> None:

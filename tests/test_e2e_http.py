@@ -213,3 +213,20 @@ def test_bad_schedule_bodies_name_the_field(system: System) -> None:
             assert data["field"].startswith(field), data
             if needle:
                 assert needle in json.dumps(data, ensure_ascii=False), data
+
+
+def test_batch_schedule_all_complete_and_bad_item_writes_nothing(system: System) -> None:
+    with system.client() as c:
+        r = c.post("/schedule/batch", json={"jobs": [{"todos": DIAMOND}] * 5})
+        assert r.status_code == 202, r.text
+        ids = [j["job_id"] for j in r.json()["jobs"]]
+        assert len(set(ids)) == 5
+        before = c.get("/jobs").json()["total"]
+        bad = c.post("/schedule/batch", json={"jobs": [
+            {"todos": DIAMOND}, {"todos": [{"action": "sned_mail"}]}]})
+        assert bad.status_code == 422
+        assert bad.json()["field"] == "jobs[1].todos[0].action"
+        assert c.get("/jobs").json()["total"] == before  # nothing half-written
+        assert c.post("/schedule/batch", json={"jobs": []}).status_code == 422
+    for job_id in ids:
+        assert system.wait_job(job_id)["status"] == "succeeded"
