@@ -480,6 +480,8 @@ class Conversation:
         }
         # message id -> recipients (replies must come from one of them)
         self.participants: dict[str, tuple[str, ...]] = dict(participants or {})
+        # ids changed since the last :meth:`take_dirty` (persisted incrementally)
+        self.dirty: set[str] = set()
 
     def check(self, msg: _LamBase) -> None:
         """Raise ProtocolViolation if ``msg`` may not be sent now."""
@@ -550,6 +552,7 @@ class Conversation:
         kind: str = getattr(msg, "type")  # noqa: B009
         self.messages[str(msg.id)] = (kind, "open")
         self.participants[str(msg.id)] = tuple(msg.to)
+        self.dirty.add(str(msg.id))
         parent_id = msg.correlation.in_reply_to
         if parent_id is None:
             return
@@ -561,6 +564,9 @@ class Conversation:
             self.messages[key] = (parent_type, "refused")
         elif kind in _TERMINAL_REPLIES:
             self.messages[key] = (parent_type, "closed")
+        else:
+            return
+        self.dirty.add(key)
 
     def accept(self, msg: _LamBase) -> None:
         """:meth:`check` then :meth:`record`."""
@@ -579,6 +585,26 @@ class Conversation:
             "messages": {k: list(v) for k, v in self.messages.items()},
             "participants": {k: list(v) for k, v in self.participants.items()},
         }
+
+    def take_dirty(self) -> dict[str, str]:
+        """Hash fields (``m:<id>`` → ``type|state|to,to``) of the messages changed since the
+        last call — the conversation is persisted incrementally, not rewritten whole."""
+        out = {f"m:{mid}": "|".join((*self.messages[mid], ",".join(self.participants.get(
+            mid, ())))) for mid in self.dirty if mid in self.messages}
+        self.dirty.clear()
+        return out
+
+    @classmethod
+    def from_fields(cls, conversation_id: str, fields: Mapping[Any, Any]) -> Conversation:
+        """Rebuild from the hash fields written via :meth:`take_dirty`."""
+        conv = cls(conversation_id)
+        for name, value in fields.items():
+            if not name.startswith("m:"):
+                continue
+            kind, state, to = [*value.split("|", 2), "", ""][:3]
+            conv.messages[name[2:]] = (kind, state)
+            conv.participants[name[2:]] = tuple(t for t in to.split(",") if t)
+        return conv
 
     @classmethod
     def restore(cls, data: Mapping[str, Any]) -> Conversation:

@@ -460,10 +460,12 @@ class TaskQueue:
         return new_id is not None
 
     async def complete_many(
-        self, items: Sequence[tuple[Lease, str, Mapping[str, str]]]
+        self, items: Sequence[tuple[Lease, str, Mapping[str, str]]],
+        *, publish: Sequence[tuple[str, str]] = (),
     ) -> list[bool]:
         """Several :meth:`complete` (lease, result stream, result fields) in one pipelined
-        round trip; each is fenced and atomic on its own. Shielded like ``complete``."""
+        round trip; each is fenced and atomic on its own. Shielded like ``complete``.
+        ``publish`` (channel, message) pairs ride along in the same round trip."""
         checked = [(lease, target, _check_fields(f)) for lease, target, f in items]
 
         async def run() -> list[Any]:
@@ -471,12 +473,15 @@ class TaskQueue:
                 for lease, target, fields in checked:
                     await self._move_script(keys=[lease.stream, target],
                                             args=self._move_args(lease, fields), client=pipe)
+                for channel, message in publish:
+                    pipe.publish(channel, message)
                 return await pipe.execute()
 
-        if not checked:
+        if not checked and not publish:
             return []
         with redis_errors("complete_many"):
-            return [new_id is not None for new_id in await asyncio.shield(run())]
+            replies = await asyncio.shield(run())
+        return [new_id is not None for new_id in replies[:len(checked)]]
 
     def _move_args(self, lease: Lease, fields: Mapping[str, str]) -> list[Any]:
         args: list[Any] = [GROUP, lease.entry_id, lease.consumer, lease.deliveries,

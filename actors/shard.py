@@ -243,10 +243,9 @@ class ShardRuntime:
     async def _load_protocol(self, orch: Orchestrator) -> None:
         if orch.protocol_loaded:
             return
-        raw = await self.redis.hget(self.keys.conversation(orch.tenant, orch.conversation_id),
-                                    "protocol")
-        if raw:
-            orch.protocol = lam.Conversation.restore(json.loads(raw))
+        fields = await self.redis.hgetall(
+            self.keys.conversation(orch.tenant, orch.conversation_id))
+        orch.protocol = lam.Conversation.from_fields(orch.conversation_id, fields)
         orch.protocol_loaded = True
 
     async def _process(self, orch: Orchestrator, entry_id: str, fields: dict[str, str]) -> None:
@@ -341,41 +340,41 @@ class ShardRuntime:
             pipe.xadd(keys.dlq(), dead_letter_fields(  # type: ignore[arg-type]
                 stream, "", entry, reason, int(d.payload["attempt"]), self.clock()),
                 maxlen=maxlen, approximate=True)
+        wires = [msg.wire() for msg in fx.replies]
         if fx.replies:
             outbox = keys.outbox(orch.tenant, orch.conversation_id)
-            for msg in fx.replies:
-                pipe.xadd(outbox, {"m": msg.encode().decode()}, maxlen=OUTBOX_MAXLEN,
-                          approximate=True)
-            pipe.hset(keys.conversation(orch.tenant, orch.conversation_id), "protocol",
-                      json.dumps(orch.protocol.snapshot(), separators=(",", ":")))
+            for wire in wires:
+                pipe.xadd(outbox, {"m": json.dumps(wire, separators=(",", ":"))},
+                          maxlen=OUTBOX_MAXLEN, approximate=True)
+        changed = orch.protocol.take_dirty()
+        if changed:
+            pipe.hset(keys.conversation(orch.tenant, orch.conversation_id),
+                      mapping=changed)  # type: ignore[arg-type]
         if fx.journal:
-            jkey = journal_key(keys, orch.tenant, orch.conversation_id)
-            for item in fx.journal:
-                pipe.xadd(jkey, {"e": json.dumps(item, default=str)}, maxlen=JOURNAL_MAXLEN,
-                          approximate=True)
+            # One journal entry per processed event (it may hold several changes).
+            pipe.xadd(journal_key(keys, orch.tenant, orch.conversation_id),
+                      {"e": json.dumps(fx.journal, default=str, separators=(",", ":"))},
+                      maxlen=JOURNAL_MAXLEN, approximate=True)
+        if job is not None and (fx.events or wires):
+            # Live updates ride in the same round trip; PUBLISH inside MULTI is sent at EXEC,
+            # i.e. only once the state it reports is durable. Replies first: the job's
+            # terminal event (last) closes WebSocket streams.
+            updates = [{"job_id": job.job_id, "lam": w} for w in wires] + fx.events
+            pipe.publish(keys.events_channel(job.tenant, job.job_id),
+                         json.dumps(updates, default=str, separators=(",", ":")))
+        if job is not None and fx.cancel_running:
+            pipe.publish(cancel_channel(keys), json.dumps(
+                {"job": job.job_id, "steps": fx.cancel_running}))
         if ack is not None:
             pipe.xack(self.inbox, INBOX_GROUP, ack)
         await pipe.execute()
-        await self._after_commit(orch, job, fx)
+        self._after_commit(orch, job, fx, wires)
 
-    async def _after_commit(self, orch: Orchestrator, job: Job | None, fx: Effects) -> None:
-        if job is not None and (fx.events or fx.cancel_running or fx.replies):
-            pipe = self.redis.pipeline(transaction=False)
-            channel = self.keys.events_channel(job.tenant, job.job_id)
-            for msg in fx.replies:  # WebSocket subscribers see the LAM replies too
-                pipe.publish(channel, json.dumps({"job_id": job.job_id, "lam": msg.wire()}))
-            for event in fx.events:  # last: the job's terminal event closes the socket
-                pipe.publish(channel, json.dumps(event, default=str))
-            if fx.cancel_running:
-                pipe.publish(cancel_channel(self.keys), json.dumps(
-                    {"job": job.job_id, "steps": fx.cancel_running}))
-            try:
-                await pipe.execute()
-            except Exception as exc:  # live updates are best effort; state is durable
-                log.debug("publish failed: %s", exc)
+    def _after_commit(self, orch: Orchestrator, job: Job | None, fx: Effects,
+                      wires: list[dict[str, Any]]) -> None:
         if job is not None and job.meta.callback_url:
-            for msg in fx.replies:
-                self.callbacks.post(job.meta.callback_url, msg.wire())
+            for wire in wires:
+                self.callbacks.post(job.meta.callback_url, wire)
         if job is not None and job.status.terminal:
             orch.jobs.pop(job.job_id, None)
 

@@ -56,6 +56,12 @@ class PoolWorker:
         self.lost_leases = 0
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        # Results and live updates wait here for the flusher, which writes everything that
+        # accumulated in one pipelined round trip (group commit).
+        self._commits: list[tuple[Lease, str, dict[str, str], asyncio.Future[bool]]] = []
+        self._publish: list[tuple[str, str]] = []
+        self._flush_wanted = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
         self.started = False
         self.last_error: str | None = None
 
@@ -65,6 +71,7 @@ class PoolWorker:
         """Pull and run steps until :meth:`shutdown`."""
         await self.executor.start(self.replica_id)
         self.started = True
+        self._flusher = asyncio.create_task(self._flush_loop(), name="flush")
         self._background = [
             asyncio.create_task(self._alive_loop(), name="alive"),
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
@@ -75,6 +82,8 @@ class PoolWorker:
         finally:
             for task in self._background:
                 task.cancel()
+            if not self._stopping.is_set() and self._flusher is not None:
+                self._flusher.cancel()  # not a graceful shutdown: nothing left to flush
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop leasing; let running steps finish for ``grace_s``; give the rest back."""
@@ -87,6 +96,8 @@ class PoolWorker:
             with contextlib.suppress(Exception):
                 await self.queue.release(lease)
             self.running.pop(entry_id, None)
+        if self._flusher is not None:
+            self._flusher.cancel()
         with contextlib.suppress(Exception):
             await self.redis.delete(self.keys.replica_alive(self.capability, self.replica_id))
         with contextlib.suppress(Exception):
@@ -186,7 +197,7 @@ class PoolWorker:
         started = time.time()
         outcome: StepOutcome
         try:
-            await self._publish_running(step, started)
+            self._publish_running(step, started)
             outcome = await self._execute(step, lease)
         except asyncio.CancelledError:
             if self._stopping.is_set():
@@ -209,7 +220,7 @@ class PoolWorker:
             fields = {"k": "result", "t": step.tenant, "c": payload["conv"], "j": step.job_id,
                       "d": json.dumps(result, separators=(",", ":"), default=str)}
             inbox = self.keys.shard_inbox(int(payload["shard"]))
-            committed = await self.queue.complete(lease, inbox, fields)
+            committed = await self._commit(lease, inbox, fields)
             if not committed:
                 self.lost_leases += 1
             elif outcome.ok:
@@ -240,6 +251,37 @@ class PoolWorker:
         except Exception as exc:
             return StepOutcome.failure(f"{type(exc).__name__}: {exc}", kind="crash")
 
+    async def _commit(self, lease: Lease, inbox: str, fields: dict[str, str]) -> bool:
+        """Queue a fenced commit for the flusher and wait for its outcome."""
+        if self._flusher is None or self._flusher.done():
+            return await self.queue.complete(lease, inbox, fields)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._commits.append((lease, inbox, fields, future))
+        self._flush_wanted.set()
+        return await asyncio.shield(future)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            commits, self._commits = self._commits, []
+            publish, self._publish = self._publish, []
+            if not commits and not publish:
+                continue
+            try:
+                done = await self.queue.complete_many(
+                    [(lease, inbox, fields) for lease, inbox, fields, _ in commits],
+                    publish=publish)
+            except Exception as exc:
+                self.last_error = f"complete: {exc}"
+                for *_, future in commits:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (*_, future), ok in zip(commits, done, strict=True):
+                if not future.done():
+                    future.set_result(ok)
+
     async def _heartbeat(self, lease: Lease) -> bool:
         """Renew the lease until cancelled; return False as soon as it is lost."""
         interval = self.settings.queue.heartbeat_interval_s
@@ -254,12 +296,13 @@ class PoolWorker:
             except Exception as exc:
                 self.last_error = f"heartbeat: {exc}"
 
-    async def _publish_running(self, step: StepInput, started: float) -> None:
+    def _publish_running(self, step: StepInput, started: float) -> None:
+        """Live "running" update (best effort), sent with the next flush."""
         event = {"job_id": step.job_id, "step": step.step, "status": "running",
                  "attempt": step.attempt, "replica": self.replica_id, "ts": started}
-        with contextlib.suppress(Exception):
-            await self.redis.publish(self.keys.events_channel(step.tenant, step.job_id),
-                                     json.dumps(event))
+        self._publish.append((self.keys.events_channel(step.tenant, step.job_id),
+                              json.dumps(event)))
+        self._flush_wanted.set()
 
     async def _report_dead(self, entry: DeadEntry) -> None:
         """Tell the job's orchestrator that a poison entry was dead-lettered."""

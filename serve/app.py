@@ -290,10 +290,8 @@ def create_app(settings: Settings | None = None,
             return await _lam_request(svc, key, msg, doc)
         # Any other performative joins an existing conversation: check the protocol now so
         # the channel hears about a mistake; the orchestrator checks again, authoritatively.
-        raw = await svc.redis.hget(svc.keys.conversation(key.tenant, conv), "protocol")
-        protocol = (lam.Conversation.restore(json.loads(raw)) if raw
-                    else lam.Conversation(conv))
-        protocol.check(msg)
+        fields = await svc.redis.hgetall(svc.keys.conversation(key.tenant, conv))
+        lam.Conversation.from_fields(conv, fields).check(msg)
         accepted = await _append_lam(svc, key.tenant, msg)
         return JSONResponse({"message_id": str(msg.id), "conversation_id": conv,
                              "status": "accepted" if accepted else "duplicate"},
@@ -442,14 +440,15 @@ def create_app(settings: Settings | None = None,
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if msg is None:
                     continue
-                event = json.loads(msg["data"])
-                if "lam" in event:
-                    await ws.send_json({"type": "lam", "message": event["lam"]})
-                    continue
-                await ws.send_json({"type": "update", **event})
-                if "step" not in event and event.get("status") in (
-                        "succeeded", "failed", "cancelled"):
-                    terminal = True
+                data = json.loads(msg["data"])
+                for event in data if isinstance(data, list) else [data]:
+                    if "lam" in event:
+                        await ws.send_json({"type": "lam", "message": event["lam"]})
+                        continue
+                    await ws.send_json({"type": "update", **event})
+                    if "step" not in event and event.get("status") in (
+                            "succeeded", "failed", "cancelled"):
+                        terminal = True
             await ws.close()
         except WebSocketDisconnect:
             pass
