@@ -34,7 +34,7 @@ from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT, FieldT
 
 from actors.errors import InternalError, NotFound, ValidationFailed
@@ -469,13 +469,22 @@ class TaskQueue:
         checked = [(lease, target, _check_fields(f)) for lease, target, f in items]
 
         async def run() -> list[Any]:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for lease, target, fields in checked:
-                    await self._move_script(keys=[lease.stream, target],
-                                            args=self._move_args(lease, fields), client=pipe)
-                for channel, message in publish:
-                    pipe.publish(channel, message)
-                return await pipe.execute()
+            # EVALSHA straight into the pipeline: redis-py's script-in-pipeline support
+            # sends SCRIPT EXISTS before every execute (an extra round trip per batch).
+            for attempt in (1, 2):
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for lease, target, fields in checked:
+                        pipe.evalsha(self._move_script.sha, 2, lease.stream, target,
+                                     *self._move_args(lease, fields))
+                    for channel, message in publish:
+                        pipe.publish(channel, message)
+                    try:
+                        return await pipe.execute()
+                    except NoScriptError:
+                        if attempt == 2:
+                            raise
+                        await self._r.script_load(_MOVE)  # Redis restarted without it
+            raise InternalError("unreachable")
 
         if not checked and not publish:
             return []

@@ -95,6 +95,8 @@ class ShardRuntime:
         self.callbacks = CallbackSender()
         self.processed = 0
         self._lost_reported: set[tuple[str, str, str]] = set()
+        self._pending_commits: list[tuple[Callable[[Any], None], asyncio.Future[None]]] = []
+        self._commit_wanted = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -107,6 +109,7 @@ class ShardRuntime:
         await self._resume_active()
         self._tasks = [
             asyncio.create_task(self._timers(), name=f"shard{self.index}-timers"),
+            asyncio.create_task(self._commit_loop(), name=f"shard{self.index}-commit"),
         ]
         try:
             await self._consume()
@@ -311,14 +314,51 @@ class ShardRuntime:
 
     async def _commit(self, orch: Orchestrator, job: Job | None, fx: Effects,
                       ack: str | None) -> None:
-        """Write everything one event changed, atomically, then publish live updates."""
+        """Write everything one event changed, atomically (with its acknowledgement), via
+        the group committer; then hand replies to the callback sender."""
+        wires = [msg.wire() for msg in fx.replies]
+        changed_protocol = orch.protocol.take_dirty()
+
+        def fill(pipe: Any) -> None:
+            self._fill(pipe, orch, job, fx, ack, wires, changed_protocol)
+
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending_commits.append((fill, future))
+        self._commit_wanted.set()
+        await future
+        self._after_commit(orch, job, fx, wires)
+
+    async def _commit_loop(self) -> None:
+        """Group commit: every commit that queued up while the previous round trip ran goes
+        out in ONE MULTI/EXEC (still atomic per event, and for the whole group)."""
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            batch, self._pending_commits = self._pending_commits, []
+            if not batch:
+                continue
+            pipe = self.redis.pipeline(transaction=True)
+            for fill, _ in batch:
+                fill(pipe)
+            try:
+                await pipe.execute()
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    def _fill(self, pipe: Any, orch: Orchestrator, job: Job | None, fx: Effects,
+              ack: str | None, wires: list[dict[str, Any]], changed: dict[str, str]) -> None:
         keys = self.keys
-        pipe = self.redis.pipeline(transaction=True)
         if job is not None:
             job_key = keys.job(job.tenant, job.job_id)
             values = job_to_fields(job, fx.changed_steps, job_changed=fx.job_changed)
             if values:
-                pipe.hset(job_key, mapping=values)  # type: ignore[arg-type]
+                pipe.hset(job_key, mapping=values)
             if fx.status_from is not None and fx.status_from is not job.status:
                 pipe.zrem(keys.jobs_by_status(job.tenant, fx.status_from.value), job.job_id)
                 pipe.zadd(keys.jobs_by_status(job.tenant, job.status.value),
@@ -334,22 +374,20 @@ class ShardRuntime:
             if d.due is not None:
                 pipe.zadd(keys.shard_delayed(self.index), {delayed_member(stream, entry): d.due})
             else:
-                pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+                pipe.xadd(stream, entry, maxlen=maxlen, approximate=True)
         for d, reason in fx.dead_letters:
             stream, entry = _stream_entry(keys, d)
-            pipe.xadd(keys.dlq(), dead_letter_fields(  # type: ignore[arg-type]
+            pipe.xadd(keys.dlq(), dead_letter_fields(
                 stream, "", entry, reason, int(d.payload["attempt"]), self.clock()),
                 maxlen=maxlen, approximate=True)
-        wires = [msg.wire() for msg in fx.replies]
         if fx.replies:
             outbox = keys.outbox(orch.tenant, orch.conversation_id)
             for wire in wires:
                 pipe.xadd(outbox, {"m": json.dumps(wire, separators=(",", ":"))},
                           maxlen=OUTBOX_MAXLEN, approximate=True)
-        changed = orch.protocol.take_dirty()
         if changed:
             pipe.hset(keys.conversation(orch.tenant, orch.conversation_id),
-                      mapping=changed)  # type: ignore[arg-type]
+                      mapping=changed)
         if fx.journal:
             # One journal entry per processed event (it may hold several changes).
             pipe.xadd(journal_key(keys, orch.tenant, orch.conversation_id),
@@ -367,8 +405,6 @@ class ShardRuntime:
                 {"job": job.job_id, "steps": fx.cancel_running}))
         if ack is not None:
             pipe.xack(self.inbox, INBOX_GROUP, ack)
-        await pipe.execute()
-        self._after_commit(orch, job, fx, wires)
 
     def _after_commit(self, orch: Orchestrator, job: Job | None, fx: Effects,
                       wires: list[dict[str, Any]]) -> None:
