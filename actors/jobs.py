@@ -52,6 +52,8 @@ class StepStatus(StrEnum):
 
 
 PRIORITIES = ("high", "normal", "low")
+_OPTIONAL_STEP_FIELDS = ("queued_at", "started_at", "finished_at", "replica", "error",
+                         "error_kind", "result", "not_before")
 
 
 @dataclass
@@ -71,8 +73,12 @@ class StepState:
     not_before: float | None = None  # a delayed retry is due then
 
     def to_json(self) -> str:
-        data = {k: v for k, v in asdict(self).items() if v is not None}
-        data["status"] = self.status.value
+        # Hand-rolled (not dataclasses.asdict): this runs for every step change.
+        data: dict[str, Any] = {"status": self.status.value, "attempts": self.attempts}
+        for name in _OPTIONAL_STEP_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
         return json.dumps(data, separators=(",", ":"), default=str)
 
     @classmethod

@@ -423,13 +423,19 @@ def reply(
     """A reply to ``to_message``: addressed to its sender, same context and conversation,
     ``correlation.inReplyTo`` set. The sender defaults to the original's first recipient."""
     cls = _CLASSES[type_]
-    msg = cls(
+    if sender is not None:
+        _agent_uri(sender)
+    # Every field comes from a validated message (or is checked above): construct without
+    # re-validating — replies are built on the orchestrator's hot path.
+    msg = cls.model_construct(
+        id=uuid.uuid4(), ts=datetime.now(UTC), version="1.0",
         sender=sender or to_message.to[0],
         to=(to_message.sender,),
         intent=intent if intent is not None else to_message.intent,
+        task=None,
         payload=dict(payload or {}),
         context=to_message.context,
-        correlation=Correlation(
+        correlation=Correlation.model_construct(
             conversation_id=to_message.correlation.conversation_id, in_reply_to=to_message.id
         ),
     )

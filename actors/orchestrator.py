@@ -91,7 +91,7 @@ class Orchestrator:
         policy: RetryPolicy,
         clock: Callable[[], float],
         rng: random.Random | None = None,
-        inform_each_step: bool = True,
+        inform: str = "steps",
         protocol: lam.Conversation | None = None,
     ) -> None:
         self.tenant = tenant
@@ -99,7 +99,7 @@ class Orchestrator:
         self.policy = policy
         self.clock = clock
         self.rng = rng or random.Random()
-        self.inform_each_step = inform_each_step
+        self.inform = inform
         self.protocol = protocol or lam.Conversation(conversation_id)
         self.jobs: dict[str, Job] = {}
         self.last_active = clock()
@@ -157,7 +157,9 @@ class Orchestrator:
                 job.sessions[session] = res.replica
                 fx.job_changed = True
             fx.events.append(self._event(job, res.step))
-            if self.inform_each_step and job.status is JobStatus.RUNNING:
+            wants_inform = self.inform == "steps" or (
+                self.inform == "results" and res.output is not None)
+            if wants_inform and job.status is JobStatus.RUNNING:
                 reply = self._reply(job, "inform", {
                     "job_id": job.job_id, "step": res.step, "status": "succeeded",
                     "name": job.graph.steps[res.step].name,

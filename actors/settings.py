@@ -174,6 +174,12 @@ class RuntimeSettings(_Section):
         300.0, gt=0, description="Idle conversations are dropped from memory after, seconds."
     )
     data_dir: Path = Field(REPO_ROOT / "data", description="DuckDB, LanceDB, artifacts, Redis.")
+    inform: Literal["steps", "results", "none"] = Field(
+        "results",
+        description="Which finished steps get a LAM inform reply: every step, only steps "
+        "that produced a result (default; progress of the rest is on the WebSocket and "
+        "GET /jobs), or none (agree/done/failure only).",
+    )
 
     @model_validator(mode="after")
     def _gcs_not_redis(self) -> RuntimeSettings:

@@ -74,8 +74,7 @@ class ShardRuntime:
     """The event loop of one ConversationShard."""
 
     def __init__(self, index: int, settings: Settings, *, redis: aioredis.Redis | None = None,
-                 clock: Callable[[], float] = time.time,
-                 inform_each_step: bool = True) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.index = index
         self.settings = settings
         self.keys = Keys(settings.redis.key_prefix)
@@ -91,7 +90,6 @@ class ShardRuntime:
         self.mailboxes: dict[tuple[str, str], _Mailbox] = {}
         self.inflight: set[str] = set()
         self.rng = random.Random()
-        self.inform_each_step = inform_each_step
         self.callbacks = CallbackSender()
         self.processed = 0
         self._lost_reported: set[tuple[str, str, str]] = set()
@@ -205,7 +203,7 @@ class ShardRuntime:
         mailbox = self.mailboxes.get(key)
         if mailbox is None:
             orch = Orchestrator(tenant, conv, policy=self.policy, clock=self.clock, rng=self.rng,
-                                inform_each_step=self.inform_each_step)
+                                inform=self.settings.runtime.inform)
             mailbox = _Mailbox(orchestrator=orch)
             self.mailboxes[key] = mailbox
         return mailbox

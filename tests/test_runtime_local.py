@@ -31,11 +31,12 @@ DIAMOND = [
 ]
 
 
-def make_settings(redis_settings: RedisSettings, **queue: Any) -> Settings:
+def make_settings(redis_settings: RedisSettings, inform: str = "steps", **queue: Any
+                  ) -> Settings:
     q = {"visibility_timeout_s": 2.0, "heartbeat_interval_s": 0.3, "reclaim_interval_s": 0.2,
          "backoff_base_s": 0.05, "backoff_max_s": 0.2, **queue}
     return Settings(redis=redis_settings.model_dump(), queue=q,
-                    runtime={"shards": 2})
+                    runtime={"shards": 2, "inform": inform})
 
 
 class Runtime:
