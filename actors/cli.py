@@ -65,6 +65,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _signal)
     try:
         urls = launcher.up()
+        # ray.init installs its own SIGTERM handler (it exits at once): ours again, so
+        # `cpa down` gets the same orderly shutdown as Ctrl-C.
+        signal.signal(signal.SIGINT, _signal)
+        signal.signal(signal.SIGTERM, _signal)
         print("\nCPA Scheduler is running:")
         for name, url in urls.items():
             print(f"  {name:<10} {url}")
