@@ -73,6 +73,29 @@ def test_sigkill_executor_mid_step_reclaims_and_completes(ledger_system: System)
     assert pool_pid(system) != pid
 
 
+def test_kill_after_effect_before_ack_does_not_duplicate_effect(ledger_system: System) -> None:
+    """The executor performs a side effect and dies (kill -9 semantics: os._exit) before it
+    acknowledges. The step is reclaimed; verify-before-retry finds the effect in the ledger,
+    so the effect happens exactly once and the job completes."""
+    system = ledger_system
+    key = f"{system.prefix}:ledger:effect"
+    todos = [{"action": "write_file", "capability": "noop",
+              "params": {"ledger": key, "crash_after_effect": True}},
+             {"action": "noop", "depends_on": [0], "params": {"ledger": key}}]
+    pid = pool_pid(system)
+    with system.client() as c:
+        job_id = c.post("/schedule", json={"todos": todos}).json()["job_id"]
+    started = time.monotonic()
+    job = system.wait_job(job_id, within_s=90)
+    print(f"\n[fault] executor pid {pid} died after the effect, before the ack; job completed "
+          f"in {time.monotonic() - started:.1f} s")
+    entries = ledger(system, "effect")
+    per_step = Counter(e.split(":")[1] for e in entries)
+    assert per_step == {"0": 1, "1": 1}, entries  # the effect happened exactly once
+    assert job["steps"][0]["result"] == {"verified": True}
+    assert pool_pid(system) != pid
+
+
 def test_sigkill_shard_mid_job_resumes_without_rerunning_steps(ledger_system: System) -> None:
     import ray
 

@@ -71,4 +71,17 @@ class LedgerExecutor(Executor):
         if isinstance(ledger, str) and ledger:
             await self.redis.rpush(ledger, f"{step.job_id}:{step.step}:{step.attempt}:"
                                            f"{self.replica_id}:{os.getpid()}")
+            await self.redis.sadd(f"{ledger}:keys", step.idempotency_key)
+            # Fault injection: die like kill -9 right after the effect, before the ack —
+            # once per step (the marker survives the crash).
+            if step.todo.params.get("crash_after_effect") and await self.redis.set(
+                    f"{ledger}:crashed:{step.idempotency_key}", "1", nx=True):
+                os._exit(137)
         return StepOutcome.success({"replica": self.replica_id, "pid": os.getpid()})
+
+    async def verify(self, step: StepInput) -> bool:
+        """Verify-before-retry: the ledger already holds this step's effect."""
+        ledger = step.todo.params.get("ledger")
+        if not isinstance(ledger, str) or not ledger:
+            return False
+        return bool(await self.redis.sismember(f"{ledger}:keys", step.idempotency_key))
