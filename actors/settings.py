@@ -212,6 +212,13 @@ class HttpSettings(_Section):
         1_000, ge=1, description="Requests waiting in Serve before 503, count."
     )
     request_timeout_s: float = Field(30.0, gt=0, description="End-to-end request limit, seconds.")
+    max_backlog: int = Field(
+        20_000, ge=1, description="Intake answers 503 + Retry-After while more events than "
+        "this wait in the shard inboxes (backpressure), count.",
+    )
+    backlog_refresh_s: float = Field(
+        0.2, ge=0, le=10, description="How long a backlog reading is reused, seconds."
+    )
     max_batch_jobs: int = Field(
         1_000, ge=1, le=100_000, description="Most jobs in one POST /schedule/batch, count."
     )

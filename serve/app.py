@@ -30,6 +30,7 @@ from actors.errors import (
     DependencyUnavailable,
     NoIntent,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     Unauthenticated,
     UnsupportedMediaType,
@@ -156,13 +157,13 @@ def create_app(settings: Settings | None = None,
 
     # ------------------------------------------------------------------- intake
 
-    async def read_json(request: Request, svc: Services) -> Any:
+    async def read_json(request: Request, svc: Services, limit: int | None = None) -> Any:
         ctype = request.headers.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise UnsupportedMediaType(
                 f"Content-Type: got {ctype[:60]!r}; send the body as application/json")
-        limit = svc.settings.http.max_body_bytes
+        limit = limit or svc.settings.http.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge("<body>", f"<{declared} bytes>",
@@ -184,6 +185,15 @@ def create_app(settings: Settings | None = None,
         if key is not None and not 1 <= len(key) <= 256:
             raise ValidationFailed("Idempotency-Key", key, "must be 1..256 characters")
         return key
+
+    async def admit(svc: Services) -> None:
+        """Backpressure: refuse new work while the shards' inboxes hold too much of it."""
+        backlog = await svc.backlog()
+        if backlog > svc.settings.http.max_backlog:
+            raise Overloaded(
+                f"{backlog} events and steps are waiting (limit "
+                f"{svc.settings.http.max_backlog}); retry later",
+                retry_after_s=min(30.0, 1.0 + backlog / max(svc.settings.http.max_backlog, 1)))
 
     async def plan_job(svc: Services, key: ApiKey, doc: Any, field: str = ""
                        ) -> tuple[JobMeta | None, dict[str, Any]]:
@@ -261,6 +271,7 @@ def create_app(settings: Settings | None = None,
     async def schedule(request: Request) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
+        await admit(svc)
         doc = await read_json(request, svc)
         meta, info = await plan_job(svc, key, doc)
         if meta is None:
@@ -280,6 +291,7 @@ def create_app(settings: Settings | None = None,
         any is written; each job is then accepted atomically, in order."""
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
+        await admit(svc)
         doc = await read_json(request, svc)
         limit = svc.settings.http.max_batch_jobs
         if not isinstance(doc, dict) or set(doc) != {"jobs"}:
@@ -308,7 +320,8 @@ def create_app(settings: Settings | None = None,
     async def lam_message(request: Request) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        doc = await read_json(request, svc)
+        await admit(svc)
+        doc = await read_json(request, svc, svc.settings.lam.max_message_bytes)
         msg = lam.validate(doc, svc.settings.lam)
         if msg.context.tenant != key.tenant:
             raise ValidationFailed("context.tenant", msg.context.tenant,

@@ -32,6 +32,8 @@ class Services:
     capabilities: tuple[str, ...]
     started: float = 0.0
     ws_clients: int = 0
+    _backlog: int = 0
+    _backlog_at: float = -1e9
     extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -47,6 +49,29 @@ class Services:
                    queue=TaskQueue(client, keys, settings.queue),
                    router=IntentRouter.from_settings(settings), capabilities=caps,
                    started=asyncio.get_running_loop().time())
+
+    async def backlog(self) -> int:
+        """Work waiting in the system: undelivered + unacknowledged entries of the shard
+        inboxes and of every task stream. Cached for ``http.backlog_refresh_s`` so admission
+        control costs no round trip per request."""
+        now = asyncio.get_running_loop().time()
+        if now - self._backlog_at < self.settings.http.backlog_refresh_s:
+            return self._backlog
+        self._backlog_at = now
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.settings.runtime.shard_count()):
+            pipe.xinfo_groups(self.keys.shard_inbox(shard))
+        for capability in self.capabilities:
+            for stream in self.keys.task_streams(capability):
+                pipe.xinfo_groups(stream)
+        total = 0
+        for groups in await pipe.execute(raise_on_error=False):
+            if isinstance(groups, Exception):
+                continue
+            for group in groups:
+                total += int(group.get("lag") or 0) + int(group.get("pending") or 0)
+        self._backlog = total
+        return total
 
     async def close(self) -> None:
         await self.redis.aclose()

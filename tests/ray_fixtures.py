@@ -79,7 +79,7 @@ _SERVE_PORT: dict[str, int] = {}
 
 def start_system(namespace: str, *, queue: dict[str, Any] | None = None,
                  pools: tuple[dict[str, Any], ...] = ({"capability": "noop", "workers": 8},),
-                 redis_url: str = REDIS_URL) -> System:
+                 redis_url: str = REDIS_URL, http: dict[str, Any] | None = None) -> System:
     """Deploy ingress + pools + shards under a fresh key prefix on the session's Ray."""
     from actors.launcher import deploy_system
 
@@ -91,6 +91,8 @@ def start_system(namespace: str, *, queue: dict[str, Any] | None = None,
                   "reclaim_interval_s": 0.5, "backoff_base_s": 0.05, "backoff_max_s": 0.5,
                   **(queue or {})},
     }
+    if http:
+        overrides["http"] = http
     port = _SERVE_PORT.setdefault("port", free_port())
     url = deploy_system(overrides, http_port=port, route_prefix=f"/{prefix}",
                         pools=[{"grace_s": 2.0, **pool} for pool in pools],

@@ -204,3 +204,43 @@ def test_health_is_503_free_when_pool_missing(ray_session: str) -> None:
 
 
 _ = ACME
+
+
+def test_overload_sheds_excess_with_retry_after_and_admitted_jobs_finish(
+        ray_session: str) -> None:
+    """10x more work than the pool can take: the excess gets 503 + Retry-After (never a 5xx
+    of another kind), everything admitted completes."""
+    import asyncio
+
+    import aiohttp
+
+    system = start_system(ray_session, pools=({"capability": "noop", "workers": 2},),
+                          http={"max_backlog": 20, "backlog_refresh_s": 0.05})
+    todos = [{"action": "sleep", "params": {"ms": 100}}]
+    statuses: Counter[int] = Counter()
+    accepted: list[str] = []
+    retry_after: list[str] = []
+
+    async def fire() -> None:
+        async with aiohttp.ClientSession(headers=ACME) as session:
+            async def one() -> None:
+                async with session.post(f"{system.url}/schedule", json={"todos": todos}) as r:
+                    statuses[r.status] += 1
+                    if r.status == 202:
+                        accepted.append((await r.json())["job_id"])
+                    elif r.status == 503:
+                        retry_after.append(r.headers.get("Retry-After", ""))
+            for _ in range(10):  # 10 waves of 40 against a capacity of ~20 steps/s
+                await asyncio.gather(*(one() for _ in range(40)))
+                await asyncio.sleep(0.1)
+
+    try:
+        asyncio.run(fire())
+        print(f"\n[fault] overload: {dict(statuses)}")
+        assert set(statuses) <= {202, 503}, statuses
+        assert statuses[503] > 0 and statuses[202] > 0
+        assert all(v.isdigit() and int(v) >= 1 for v in retry_after)
+        for job_id in accepted:
+            system.wait_job(job_id, within_s=120)
+    finally:
+        stop_system(system)

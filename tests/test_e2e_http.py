@@ -230,3 +230,36 @@ def test_batch_schedule_all_complete_and_bad_item_writes_nothing(system: System)
         assert c.post("/schedule/batch", json={"jobs": []}).status_code == 422
     for job_id in ids:
         assert system.wait_job(job_id)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("megabytes", [1, 10, 100])
+def test_oversized_bodies_are_4xx_without_reading_them(system: System, megabytes: int) -> None:
+    """Bodies past a limit are refused from their Content-Length (413, nothing read); a
+    body under the byte limit but with an oversized field is a 422 naming the field."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(system.url)
+    blob = b"x" * (megabytes * 1_048_576)
+    for path, body in (
+        ("/lam/message", b'{"payload": {"blob": "' + blob + b'"}}'),
+        ("/schedule", b'{"todos": [{"action": "noop", "text": "' + blob + b'"}]}'),
+    ):
+        head = (f"POST {url.path}{path} HTTP/1.1\r\nHost: {url.hostname}\r\n"
+                f"X-API-Key: acme-dev-key\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        whole = len(body) <= 4 * 1_048_576  # under the HTTP body limit: send all of it
+        with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+            sock.sendall(head + (body if whole else body[:65536]))
+            response = b""
+            while b"\r\n\r\n" not in response:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                response += chunk
+        status = int(response.split(b" ", 2)[1])
+        assert status in (413, 422), (path, megabytes, response[:300])
+        if not whole or path == "/lam/message":
+            assert status == 413, (path, megabytes, response[:300])
+    with system.client() as c:  # still serving
+        assert c.get("/health").status_code == 200
