@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck unit schema bench clean down
+.PHONY: install run test lint typecheck unit schema bench clean down reliability
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+## Run the fault-injection scenarios and regenerate docs/reliability.md from what they measured.
+reliability: install
+	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s tests/test_e2e_faults.py tests/test_faults_agent.py tests/test_e2e_http.py -k "fault or kill or sigstop or overload or poison or longer or oversized or malformed or sigkill or redis"

@@ -186,12 +186,27 @@ def test_missing_or_bad_key_is_401(system: System) -> None:
     ],
 )
 def test_malformed_lam_is_4xx(system: System, body: bytes, content_type: str, status: int,
-                              field: str | None) -> None:
+                              field: str | None, reliability: Any) -> None:
     with system.client() as c:
         r = c.post("/lam/message", content=body, headers={**ACME, "Content-Type": content_type})
     assert r.status_code == status, r.text
     if field:
         assert r.json()["field"] == field
+    reliability.record(f"malformed LAM {body[:24]!r} ({content_type})", "4xx naming the field",
+                       status=r.status_code, field=field or "-")
+
+
+def test_ten_thousand_step_graph_validates_over_http(system: System) -> None:
+    chain = [{"action": "noop"}] + [{"action": "noop", "depends_on": [i - 1]}
+                                    for i in range(1, 10_000)]
+    with system.client() as c:
+        r = c.post("/schedule", json={"todos": chain, "dry_run": True})
+        assert r.status_code == 200, r.text[:300]
+        assert len(r.json()["levels"]) == 10_000
+        cyclic = [{"action": "noop", "depends_on": [9_999]}, *chain[1:]]
+        r = c.post("/schedule", json={"todos": cyclic})
+        assert r.status_code == 422
+        assert r.json()["cycle"][0] == r.json()["cycle"][-1]
 
 
 def test_bad_schedule_bodies_name_the_field(system: System) -> None:
@@ -233,7 +248,8 @@ def test_batch_schedule_all_complete_and_bad_item_writes_nothing(system: System)
 
 
 @pytest.mark.parametrize("megabytes", [1, 10, 100])
-def test_oversized_bodies_are_4xx_without_reading_them(system: System, megabytes: int) -> None:
+def test_oversized_bodies_are_4xx_without_reading_them(system: System, megabytes: int,
+                                                       reliability: Any) -> None:
     """Bodies past a limit are refused from their Content-Length (413, nothing read); a
     body under the byte limit but with an oversized field is a 422 naming the field."""
     import socket
@@ -263,3 +279,5 @@ def test_oversized_bodies_are_4xx_without_reading_them(system: System, megabytes
             assert status == 413, (path, megabytes, response[:300])
     with system.client() as c:  # still serving
         assert c.get("/health").status_code == 200
+    reliability.record(f"oversized body {megabytes} MB (LAM and /schedule)",
+                       "4xx (413/422), never 5xx, no crash", status="413/422", crashes=0)

@@ -50,7 +50,8 @@ async def shards(redis_settings: RedisSettings, redis_client: aioredis.Redis
 
 
 async def test_sigstop_longer_than_lease_is_reclaimed_and_fenced(
-        shards: Settings, redis_client: aioredis.Redis, redis_settings: RedisSettings) -> None:
+        shards: Settings, redis_client: aioredis.Redis, redis_settings: RedisSettings,
+        reliability: Any) -> None:
     keys = Keys(redis_settings.key_prefix)
     store = JobStore(redis_client, keys, shards=1)
     ledger = f"{redis_settings.key_prefix}:ledger"
@@ -97,6 +98,10 @@ async def test_sigstop_longer_than_lease_is_reclaimed_and_fenced(
         ignored = sum('"result_ignored"' in e[1]["e"] for e in journal)
         print(f"[fault] reclaimed by {other} after {recovered:.1f} s; late result fenced "
               f"(results ignored by the orchestrator: {ignored})")
+        reliability.record("SIGSTOP an executor longer than its lease (1.5 s)",
+                           "step reclaimed, late result fenced by lease epoch",
+                           reclaimed_after_s=round(recovered, 1), late_results_accepted=0,
+                           attempts=job.steps[0].attempts)
     finally:
         for proc in agents.values():
             proc.send_signal(signal.SIGCONT)

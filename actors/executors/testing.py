@@ -68,6 +68,9 @@ class LedgerExecutor(Executor):
         if ms:
             await asyncio.sleep(ms / 1000)
         ledger = step.todo.params.get("ledger")
+        if step.todo.params.get("crash_always") and isinstance(ledger, str):
+            await self.redis.rpush(ledger, f"{step.job_id}:{step.step}:crash")
+            os._exit(137)  # a poison step: takes its executor down every time
         if isinstance(ledger, str) and ledger:
             await self.redis.rpush(ledger, f"{step.job_id}:{step.step}:{step.attempt}:"
                                            f"{self.replica_id}:{os.getpid()}")
