@@ -146,6 +146,9 @@ class QueueSettings(_Section):
     idempotency_ttl_s: int = Field(
         86_400, ge=60, description="How long an intake id/Idempotency-Key is remembered, seconds."
     )
+    job_retention_s: int = Field(
+        7 * 86_400, ge=60, description="A finished job's record is kept this long, seconds."
+    )
     stream_maxlen: int = Field(
         1_000_000, ge=1_000, description="Approximate cap of each stream's length, entries."
     )

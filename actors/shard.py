@@ -364,8 +364,11 @@ class ShardRuntime:
             member = f"{job.tenant}|{job.job_id}"
             if job.status.terminal:
                 pipe.srem(active_key(keys, self.index), member)
+                if fx.status_from is not None:  # finished now: keep it for the retention
+                    pipe.expire(job_key, self.settings.queue.job_retention_s)
             elif fx.status_from is not None:
                 pipe.sadd(active_key(keys, self.index), member)
+                pipe.persist(job_key)  # a retried job is live again
         maxlen = self.settings.queue.stream_maxlen
         for d in fx.dispatches:
             stream, entry = _stream_entry(keys, d)
