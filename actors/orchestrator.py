@@ -338,11 +338,11 @@ class Orchestrator:
         """The task-stream entry of the step's current attempt."""
         session = job.graph.sessions[index]
         replica = job.sessions.get(session) if session is not None else None
-        todo = job.graph.steps[index]
         payload: dict[str, Any] = {
             "job": job.job_id, "tenant": job.tenant, "conv": job.meta.conversation_id,
             "shard": job.meta.shard, "step": index, "attempt": job.steps[index].attempts,
-            "todo": todo.model_dump(mode="json", exclude_none=True, exclude_defaults=True),
+            # The plan as submitted (validated at intake and by build_graph): no re-dump.
+            "todo": job.meta.todos[index],
             "timeout_s": job.graph.timeouts_s[index], "cap": job.graph.capabilities[index],
         }
         if session is not None:
