@@ -232,14 +232,7 @@ class Orchestrator:
             if not step.status.terminal:
                 step.status = StepStatus.CANCELLED
                 fx.changed_steps.add(i)
-        job.error = reason
-        self._set_status(job, JobStatus.CANCELLED, fx)
-        fx.events.append({"job_id": job.job_id, "status": job.status.value, "reason": reason})
-        reply = self._reply(job, "failure", {"job_id": job.job_id, "status": "cancelled",
-                                             "reason": reason})
-        if reply is not None:
-            fx.replies.append(reply)
-        fx.journal.append({"event": "cancelled", "job": job.job_id, "reason": reason})
+        self._close_unsuccessful(job, fx, JobStatus.CANCELLED, reason)
         return fx
 
     def retry(self, job: Job) -> Effects:
@@ -365,14 +358,19 @@ class Orchestrator:
                 if job.steps[child].status is StepStatus.PENDING:
                     job.steps[child].status = StepStatus.SKIPPED
                     fx.changed_steps.add(child)
+        self._close_unsuccessful(job, fx, JobStatus.FAILED, reason)
+
+    def _close_unsuccessful(self, job: Job, fx: Effects, status: JobStatus, reason: str
+                            ) -> None:
+        """End a job as failed or cancelled: status, live event, LAM failure, journal."""
         job.error = reason
-        self._set_status(job, JobStatus.FAILED, fx)
-        fx.events.append({"job_id": job.job_id, "status": job.status.value, "error": reason})
-        reply = self._reply(job, "failure", {"job_id": job.job_id, "status": "failed",
+        self._set_status(job, status, fx)
+        fx.events.append({"job_id": job.job_id, "status": status.value, "error": reason})
+        reply = self._reply(job, "failure", {"job_id": job.job_id, "status": status.value,
                                              "reason": reason})
         if reply is not None:
             fx.replies.append(reply)
-        fx.journal.append({"event": "failed", "job": job.job_id, "reason": reason})
+        fx.journal.append({"event": status.value, "job": job.job_id, "reason": reason})
 
     def _maybe_finish(self, job: Job, fx: Effects) -> None:
         if job.status is not JobStatus.RUNNING:

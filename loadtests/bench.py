@@ -90,6 +90,17 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
+def total_rss() -> int:
+    """Summed RSS of the system's processes, bytes."""
+    total = 0
+    for proc in system_processes():
+        try:
+            total += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
 class RssSampler(threading.Thread):
     """Samples the summed RSS of the system's processes; keeps the peak."""
 
@@ -101,13 +112,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            total = 0
-            for proc in system_processes():
-                try:
-                    total += proc.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, total_rss())
             self.stop_event.wait(self.interval_s)
 
 

@@ -16,21 +16,14 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import API_KEY, Results, start_own_system, system_processes, watch_all
+from bench import API_KEY, Results, start_own_system, total_rss, watch_all
 
 
 def rss_mb() -> float:
-    total = 0
-    for proc in system_processes():
-        try:
-            total += proc.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total / 2**20
+    return total_rss() / 2**20
 
 
 async def submit(url: str, n: int, batch: int, res: Results) -> None:

@@ -407,6 +407,12 @@ def create_app(settings: Settings | None = None,
         return {"jobs": jobs, "total": total, "offset": offset, "limit": limit,
                 "next_offset": nxt}
 
+    async def job_summary(svc: Services, key: ApiKey, job_id: str) -> dict[str, Any]:
+        summary = await svc.store.summary(key.tenant, job_id)
+        if summary is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return summary
+
     @app.get("/jobs/{job_id}")
     async def get_job(request: Request, job_id: str) -> dict[str, Any]:
         svc = await services(request)
@@ -418,9 +424,7 @@ def create_app(settings: Settings | None = None,
     async def cancel_job(request: Request, job_id: str) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        summary = await svc.store.summary(key.tenant, job_id)
-        if summary is None:
-            raise NotFound(f"job {job_id!r} not found")
+        summary = await job_summary(svc, key, job_id)
         if JobStatus(summary["status"]).terminal:
             return JSONResponse({"job_id": job_id, "status": summary["status"],
                                  "message": "job already finished"}, status_code=200)
@@ -431,9 +435,7 @@ def create_app(settings: Settings | None = None,
     async def retry_job(request: Request, job_id: str) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        summary = await svc.store.summary(key.tenant, job_id)
-        if summary is None:
-            raise NotFound(f"job {job_id!r} not found")
+        summary = await job_summary(svc, key, job_id)
         if summary["status"] not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
             from actors.errors import Conflict
 
