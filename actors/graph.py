@@ -65,6 +65,8 @@ class ActionRegistry:
 
     def __init__(self) -> None:
         self._specs: dict[str, ActionSpec] = {}
+        self._capabilities: frozenset[str] | None = None
+        self._action_caps: dict[str, str] | None = None
 
     def register(
         self, name: str, capability: str, *, side_effect: bool = False, description: str = ""
@@ -78,6 +80,7 @@ class ActionRegistry:
         if existing is not None and existing != spec:
             raise ValueError(f"action {name!r} is already registered as {existing}")
         self._specs[name] = spec
+        self._capabilities = self._action_caps = None
 
     def get(self, name: str) -> ActionSpec:
         """The spec of ``name``; :class:`KeyError` when it is unknown."""
@@ -92,7 +95,27 @@ class ActionRegistry:
 
     def capabilities(self) -> frozenset[str]:
         """Every capability some action maps to: the values a step's override may take."""
-        return frozenset(spec.capability for spec in self._specs.values())
+        if self._capabilities is None:
+            self._capabilities = frozenset(spec.capability for spec in self._specs.values())
+        return self._capabilities
+
+    def action_capabilities(self) -> dict[str, str]:
+        """action name → default capability (cached; build_graph reads it per plan)."""
+        if self._action_caps is None:
+            self._action_caps = {name: spec.capability for name, spec in self._specs.items()}
+        return self._action_caps
+
+
+_SHARED_DEFAULT: ActionRegistry | None = None
+
+
+def shared_default_registry() -> ActionRegistry:
+    """The default registry, built once per process (build_graph's default; do not
+    register into it — make your own with :func:`default_registry`)."""
+    global _SHARED_DEFAULT
+    if _SHARED_DEFAULT is None:
+        _SHARED_DEFAULT = default_registry()
+    return _SHARED_DEFAULT
 
 
 def default_registry() -> ActionRegistry:
@@ -254,7 +277,7 @@ def build_graph(
     :class:`CycleError` when the dependencies form a cycle.
     """
     limits = GraphLimits() if limits is None else limits
-    registry = default_registry() if registry is None else registry
+    registry = shared_default_registry() if registry is None else registry
     given: object = todos  # callers pass parsed JSON: the annotation is a hope, not a fact
     if isinstance(given, str | bytes) or not isinstance(given, Sequence):
         raise ValidationFailed(field, given, "a plan must be a list of steps")
@@ -283,7 +306,7 @@ def build_graph(
                 steps.append(None)
 
     known_caps = registry.capabilities()
-    action_caps = {name: registry.get(name).capability for name in registry.names()}
+    action_caps = registry.action_capabilities()
     capabilities: list[str] = [""] * n
     timeouts: list[float] = [0.0] * n
     for i, step in enumerate(steps):

@@ -134,6 +134,7 @@ class JobMeta:
     source: str = "explicit"  # rules | llm | explicit
     text: str | None = None
     max_attempts: int | None = None
+    new_conversation: bool = False  # the ingress made the conversation id up: no history
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), default=str)

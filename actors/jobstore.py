@@ -138,6 +138,8 @@ class JobStore:
         }
         flat_fields = [x for kv in fields.items() for x in kv]
         entry = ["k", "submit", "t", meta.tenant, "c", meta.conversation_id, "j", meta.job_id]
+        if meta.new_conversation:
+            entry += ["n", "1"]  # the shard need not look up the conversation's history
         idem_key = (self.keys.idempotency(meta.tenant, _idem_component(idempotency_key))
                     if idempotency_key else self.keys.idempotency(meta.tenant, "-"))
         keys = [idem_key, self.keys.job(meta.tenant, meta.job_id),

@@ -167,7 +167,7 @@ class Orchestrator:
                 if reply is not None:
                     fx.replies.append(reply)
             if job.status is JobStatus.RUNNING:
-                self._dispatch_ready(job, fx)
+                self._dispatch_ready(job, fx, after=res.step)
             self._maybe_finish(job, fx)
             return fx
 
@@ -308,10 +308,20 @@ class Orchestrator:
             fx.changed_steps.add(i)
         self._dispatch_ready(job, fx)
 
-    def _dispatch_ready(self, job: Job, fx: Effects) -> None:
-        done = {i for i, s in enumerate(job.steps) if s.status is StepStatus.SUCCEEDED}
+    def _dispatch_ready(self, job: Job, fx: Effects, *, after: int | None = None) -> None:
+        """Dispatch pending steps whose dependencies all succeeded. ``after``: only the
+        dependents of that just-finished step can have become ready (O(degree), not O(n))."""
+        steps = job.steps
+        if after is not None:
+            for child in job.graph.dependents[after]:
+                if steps[child].status is StepStatus.PENDING and all(
+                        steps[d].status is StepStatus.SUCCEEDED
+                        for d in job.graph.steps[child].depends_on):
+                    self._dispatch(job, child, fx)
+            return
+        done = {i for i, s in enumerate(steps) if s.status is StepStatus.SUCCEEDED}
         for i in job.graph.ready(done):
-            if job.steps[i].status is StepStatus.PENDING:
+            if steps[i].status is StepStatus.PENDING:
                 self._dispatch(job, i, fx)
 
     def _dispatch(self, job: Job, index: int, fx: Effects, *, due: float | None = None) -> None:

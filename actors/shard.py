@@ -253,6 +253,8 @@ class ShardRuntime:
         kind = fields.get("k", "")
         tenant = fields.get("t", "")
         job_id = fields.get("j", "")
+        if fields.get("n") == "1" and not orch.protocol.messages and not orch.protocol_loaded:
+            orch.protocol_loaded = True  # a conversation the ingress just created
         await self._load_protocol(orch)
         fx = Effects()
         job: Job | None = None

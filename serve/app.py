@@ -264,7 +264,8 @@ def create_app(settings: Settings | None = None,
         meta = JobMeta(job_id=job_uuid.hex, tenant=key.tenant, conversation_id=conv, shard=0,
                        todos=todos, priority=body.priority, request=req,
                        callback_url=body.callback_url, intent=intent, slots=slots,
-                       source=source, text=body.text, max_attempts=body.max_attempts)
+                       source=source, text=body.text, max_attempts=body.max_attempts,
+                       new_conversation=body.conversation_id is None)
         return meta, {"intent": intent, "steps": len(todos)}
 
     @app.post("/schedule", status_code=202)
