@@ -42,7 +42,7 @@ __all__ = ["MAX_TEXT_CHARS", "IntentCatalogue", "IntentRouter", "RouteResult"]
 MAX_TEXT_CHARS = 8_192
 """Longest request routed, characters (the LAM ``task`` limit's default)."""
 
-Source = Literal["rules", "llm", "none"]
+Source = Literal["rules", "llm", "none", "explicit"]
 Extractor = Literal[
     "email", "url", "company", "person", "period", "date", "time", "quoted", "after_colon",
     "patterns", "residual",
@@ -522,6 +522,18 @@ class IntentRouter:
             if hit[0] and not any(hit[1] < e and s < hit[2] for s, e in taken.values()):
                 return hit
         return None
+
+    def plan_for(self, intent: str, slots: Mapping[str, Any]) -> RouteResult:
+        """The plan of a named intent with caller-given slots (a LAM request that names its
+        ``intent`` and carries ``payload.slots`` needs no routing). Unknown intent → a
+        result without intent; missing required slots are reported as usual."""
+        if intent not in self.catalogue:
+            known = ", ".join(info.name for info in self.catalogue.infos)
+            return RouteResult(None, {}, 0.0, "none", [], (), f"unknown intent {intent!r}; "
+                               f"known intents: {known}", ())
+        values = {str(k): str(v) for k, v in slots.items()}
+        return self._result(intent, values, 1.0, "explicit", "intent named by the caller",
+                            ())
 
     def _result(self, name: str, slots: dict[str, str], confidence: float, source: Source,
                 reason: str, alternatives: tuple[tuple[str, float], ...]) -> RouteResult:

@@ -359,7 +359,26 @@ def create_app(settings: Settings | None = None,
                            doc: dict[str, Any]) -> JSONResponse:
         conv = msg.correlation.conversation_id
         text = msg.task or ""
-        result = await svc.router.route(text, locale=msg.context.locale) if text else None
+        payload = msg.payload
+        explicit = payload.get("todos")
+        if explicit is not None:
+            # An explicit plan in the payload: validated like /schedule's todos.
+            graph = build_graph(explicit, limits=svc.settings.graph, field="payload.todos")
+            return await _lam_job(svc, key, msg, doc, graph.to_json(), intent=msg.intent,
+                                  slots={}, source="explicit")
+        result = None
+        slots = payload.get("slots")
+        if msg.intent and msg.intent in svc.router.catalogue:
+            # The channel named a known intent: its slots come from payload.slots, the
+            # rest (if any) from the task text.
+            given = slots if isinstance(slots, dict) else {}
+            result = svc.router.plan_for(msg.intent, given)
+            if not result.complete and text:
+                routed = await svc.router.route(text, locale=msg.context.locale)
+                if routed.intent == msg.intent:
+                    result = svc.router.plan_for(msg.intent, {**routed.slots, **given})
+        elif text:
+            result = await svc.router.route(text, locale=msg.context.locale)
         if result is None or not result.complete:
             reason = result.reason if result else "the request has no task text to route"
             await _append_lam(svc, key.tenant, msg, refuse=reason)
@@ -367,6 +386,13 @@ def create_app(settings: Settings | None = None,
                                  "status": "refused", "reason": reason}, status_code=200)
         todos = [t.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
                  for t in result.plan]
+        return await _lam_job(svc, key, msg, doc, todos, intent=result.intent,
+                              slots=dict(result.slots), source=result.source)
+
+    async def _lam_job(svc: Services, key: ApiKey, msg: lam.Request, doc: dict[str, Any],
+                       todos: list[dict[str, Any]], *, intent: str | None,
+                       slots: dict[str, Any], source: str) -> JSONResponse:
+        conv = msg.correlation.conversation_id
         payload = msg.payload
         priority = payload.get("priority", "normal")
         if priority not in PRIORITIES:
@@ -378,14 +404,13 @@ def create_app(settings: Settings | None = None,
             raise ValidationFailed("payload.callback_url", callback, "must be an http(s) URL")
         meta = JobMeta(job_id=new_job_id(), tenant=key.tenant, conversation_id=conv, shard=0,
                        todos=todos, priority=priority, request=msg.wire(),
-                       callback_url=callback, intent=result.intent,
-                       slots=dict(result.slots), source=result.source, text=text)
+                       callback_url=callback, intent=intent, slots=slots, source=source,
+                       text=msg.task)
         accepted = await svc.store.submit(meta, idempotency_key=f"lam:{msg.id}",
                                           body_digest=body_hash(doc))
         return JSONResponse({"job_id": accepted.job_id, "message_id": str(msg.id),
                              "conversation_id": accepted.conversation_id,
-                             "status": accepted.status, "intent": result.intent,
-                             "slots": result.slots},
+                             "status": accepted.status, "intent": intent, "slots": slots},
                             status_code=202 if accepted.created else 200)
 
     # -------------------------------------------------------------------- jobs

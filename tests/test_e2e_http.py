@@ -281,3 +281,27 @@ def test_oversized_bodies_are_4xx_without_reading_them(system: System, megabytes
         assert c.get("/health").status_code == 200
     reliability.record(f"oversized body {megabytes} MB (LAM and /schedule)",
                        "4xx (413/422), never 5xx, no crash", status="413/422", crashes=0)
+
+
+def test_lam_request_with_explicit_plan_or_named_intent(system: System) -> None:
+    conv = f"conv-{uuid.uuid4().hex[:8]}"
+    plan = lam_request("run this plan", conv, payload={"todos": DIAMOND})
+    named = lam_request("", f"{conv}-2", intent="mail.send", payload={"slots": {
+        "recipient": "bob@firma.de", "subject": "Offer", "body": "Hello"}})
+    del named["task"]
+    unknown = lam_request("", f"{conv}-3", intent="mail.send", payload={"slots": {}})
+    del unknown["task"]
+    bad = lam_request("x", f"{conv}-4", payload={"todos": [{"action": "sned_mail"}]})
+    with system.client() as c:
+        r = c.post("/lam/message", json=plan)
+        assert r.status_code == 202, r.text
+        assert system.wait_job(r.json()["job_id"])["steps_total"] == 4
+        r = c.post("/lam/message", json=named)
+        assert r.status_code == 202, r.text
+        assert r.json()["intent"] == "mail.send"
+        assert r.json()["slots"]["recipient"] == "bob@firma.de"
+        r = c.post("/lam/message", json=unknown)  # a required slot is missing → refuse
+        assert r.status_code == 200 and r.json()["status"] == "refused"
+        assert "recipient" in r.json()["reason"]
+        r = c.post("/lam/message", json=bad)
+        assert r.status_code == 422 and r.json()["field"] == "payload.todos[0].action"
