@@ -222,6 +222,13 @@ class HttpSettings(_Section):
     backlog_refresh_s: float = Field(
         0.2, ge=0, le=10, description="How long a backlog reading is reused, seconds."
     )
+    tenant_rate_per_s: float = Field(
+        2_000.0, ge=0, description="Sustained intake requests per tenant and ingress replica "
+        "before 429 (0 = unlimited), requests/second.",
+    )
+    tenant_burst: int = Field(
+        4_000, ge=1, description="Requests a tenant may send at once above the rate, count."
+    )
     max_batch_jobs: int = Field(
         1_000, ge=1, le=100_000, description="Most jobs in one POST /schedule/batch, count."
     )

@@ -32,6 +32,7 @@ from actors.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
     Unauthenticated,
     UnsupportedMediaType,
     ValidationFailed,
@@ -186,8 +187,13 @@ def create_app(settings: Settings | None = None,
             raise ValidationFailed("Idempotency-Key", key, "must be 1..256 characters")
         return key
 
-    async def admit(svc: Services) -> None:
-        """Backpressure: refuse new work while the shards' inboxes hold too much of it."""
+    async def admit(svc: Services, key: ApiKey) -> None:
+        """Per-tenant rate limit (429), then backpressure (503) while too much work waits."""
+        wait_s = svc.take_token(key.tenant)
+        if wait_s > 0:
+            raise RateLimited(f"tenant {key.tenant} is over its rate of "
+                              f"{svc.settings.http.tenant_rate_per_s:g} requests/s",
+                              retry_after_s=max(1.0, wait_s))
         backlog = await svc.backlog()
         if backlog > svc.settings.http.max_backlog:
             raise Overloaded(
@@ -272,7 +278,7 @@ def create_app(settings: Settings | None = None,
     async def schedule(request: Request) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        await admit(svc)
+        await admit(svc, key)
         doc = await read_json(request, svc)
         meta, info = await plan_job(svc, key, doc)
         if meta is None:
@@ -292,7 +298,7 @@ def create_app(settings: Settings | None = None,
         any is written; each job is then accepted atomically, in order."""
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        await admit(svc)
+        await admit(svc, key)
         doc = await read_json(request, svc)
         limit = svc.settings.http.max_batch_jobs
         if not isinstance(doc, dict) or set(doc) != {"jobs"}:
@@ -321,7 +327,7 @@ def create_app(settings: Settings | None = None,
     async def lam_message(request: Request) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        await admit(svc)
+        await admit(svc, key)
         doc = await read_json(request, svc, svc.settings.lam.max_message_bytes)
         msg = lam.validate(doc, svc.settings.lam)
         if msg.context.tenant != key.tenant:

@@ -34,6 +34,7 @@ class Services:
     ws_clients: int = 0
     _backlog: int = 0
     _backlog_at: float = -1e9
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -49,6 +50,22 @@ class Services:
                    queue=TaskQueue(client, keys, settings.queue),
                    router=IntentRouter.from_settings(settings), capabilities=caps,
                    started=asyncio.get_running_loop().time())
+
+    def take_token(self, tenant: str) -> float:
+        """Per-tenant token bucket (this replica): 0 when the request may pass, else the
+        seconds until a token is free."""
+        rate = self.settings.http.tenant_rate_per_s
+        if rate <= 0:
+            return 0.0
+        burst = float(self.settings.http.tenant_burst)
+        now = asyncio.get_running_loop().time()
+        tokens, at = self._buckets.get(tenant, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
+        if tokens < 1.0:
+            self._buckets[tenant] = (tokens, now)
+            return (1.0 - tokens) / rate
+        self._buckets[tenant] = (tokens - 1.0, now)
+        return 0.0
 
     async def backlog(self) -> int:
         """Work waiting in the system: undelivered + unacknowledged entries of the shard

@@ -358,3 +358,23 @@ def test_overload_sheds_excess_with_retry_after_and_admitted_jobs_finish(
                            other_5xx=0, admitted_finished=len(accepted))
     finally:
         stop_system(system)
+
+
+def test_tenant_rate_limit_is_429_with_retry_after(ray_session: str, reliability: Any) -> None:
+    system = start_system(ray_session, http={"tenant_rate_per_s": 2.0, "tenant_burst": 3})
+    try:
+        todos = [{"action": "noop"}]
+        with system.client() as c:
+            codes = [c.post("/schedule", json={"todos": todos}) for _ in range(8)]
+        with system.client({"X-API-Key": "globex-dev-key"}) as g:
+            other = g.post("/schedule", json={"todos": todos})
+        statuses = Counter(r.status_code for r in codes)
+        assert statuses[202] >= 3 and statuses[429] >= 1, statuses
+        limited = next(r for r in codes if r.status_code == 429)
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert limited.json()["error"] == "rate_limited"
+        assert other.status_code == 202  # another tenant is not affected
+        reliability.record("one tenant over its rate (2/s, burst 3)", "429 + Retry-After for "
+                           "that tenant only", admitted=statuses[202], limited=statuses[429])
+    finally:
+        stop_system(system)
