@@ -44,4 +44,4 @@ clean:
 
 ## Run the fault-injection scenarios and regenerate docs/reliability.md from what they measured.
 reliability: install
-	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s tests/test_e2e_faults.py tests/test_faults_agent.py tests/test_e2e_http.py -k "fault or kill or sigstop or overload or poison or longer or oversized or malformed or sigkill or redis"
+	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s tests/test_e2e_faults.py tests/test_faults_agent.py tests/test_e2e_http.py -k "fault or kill or sigstop or overload or poison or longer or oversized or malformed or sigkill or redis or rate_limit"
