@@ -151,21 +151,11 @@ class Launcher:
         cfg = yaml.safe_load(self.serve_config.read_text()) or {}
         http = cfg.get("http_options", {})
         base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-        deadline = time.monotonic() + within_s
-        last = ""
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(f"{base}/health", timeout=5)
-                if r.status_code == 200 and r.json()["pools"]["noop"]["replicas"] > 0:
-                    self.state["api"] = base
-                    rt = self.settings.runtime
-                    return {"api": base, "docs": f"{base}/docs", "health": f"{base}/health",
-                            "dashboard": f"http://{rt.dashboard_host}:{rt.dashboard_port}"}
-                last = r.text[:300]
-            except (httpx.HTTPError, KeyError, ValueError) as exc:
-                last = str(exc)
-            time.sleep(1)
-        raise DependencyUnavailable("cpa", f"system not healthy after {within_s:.0f} s: {last}")
+        wait_healthy(base, {"noop": 1}, within_s)
+        self.state["api"] = base
+        rt = self.settings.runtime
+        return {"api": base, "docs": f"{base}/docs", "health": f"{base}/health",
+                "dashboard": f"http://{rt.dashboard_host}:{rt.dashboard_port}"}
 
     # ------------------------------------------------------------------- down
 
@@ -265,18 +255,24 @@ def deploy_system(overrides: dict[str, Any], *, http_port: int = 0, route_prefix
         app = ExecutorPool.options(num_replicas=replicas).bind(**args)  # type: ignore[attr-defined]
         ray_serve.run(app, name=f"pool-{pool['capability']}{app_suffix}", route_prefix=None)
     base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    wait_healthy(base, {p["capability"]: int(p.get("num_replicas", 1)) for p in pools},
+                 within_s)
+    return base
+
+
+def wait_healthy(base: str, replicas: dict[str, int], within_s: float) -> None:
+    """Poll ``base``/health until each named pool has at least that many replicas."""
     deadline = time.monotonic() + within_s
     last = ""
     while time.monotonic() < deadline:
         try:
             r = httpx.get(f"{base}/health", timeout=5)
-            body = r.json()
-            if r.status_code == 200 and all(
-                    body["pools"][p["capability"]]["replicas"] >= int(p.get("num_replicas", 1))
-                    for p in pools):
-                return base
+            pools = r.json()["pools"]
+            if r.status_code == 200 and all(pools[cap]["replicas"] >= n
+                                            for cap, n in replicas.items()):
+                return
             last = r.text[:500]
         except (httpx.HTTPError, KeyError, ValueError) as exc:
             last = str(exc)
         time.sleep(0.5)
-    raise DependencyUnavailable("cpa", f"deployment not healthy after {within_s:.0f} s: {last}")
+    raise DependencyUnavailable("cpa", f"system not healthy after {within_s:.0f} s: {last}")
