@@ -41,6 +41,11 @@ local n = tonumber(ARGV[7])
 local fields = {}
 for i = 1, n * 2 do fields[i] = ARGV[7 + i] end
 if redis.call('EXISTS', KEYS[2]) == 1 then
+  -- Our own earlier run of this very call (the client retried it after the reply was lost:
+  -- same job id and intake time): the job is accepted. Anything else is an id collision.
+  if redis.call('HGET', KEYS[2], 'created_at') == ARGV[5] then
+    return {1, ARGV[2]}
+  end
   return {2, ARGV[2]}
 end
 redis.call('HSET', KEYS[2], unpack(fields))

@@ -161,6 +161,15 @@ class PoolWorker:
                 self._start(leases)
 
     async def _cancel_listener(self) -> None:
+        while True:  # a Redis outage ends a subscription: subscribe again once it is back
+            try:
+                await self._listen_for_cancels()
+            except Exception as exc:
+                self.last_error = f"cancel listener: {exc}"
+                log.warning("%s: cancel listener failed: %s", self.replica_id, exc)
+                await asyncio.sleep(0.5)
+
+    async def _listen_for_cancels(self) -> None:
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(cancel_channel(self.keys))
         try:
