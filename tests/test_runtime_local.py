@@ -11,15 +11,16 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from actors.errors import IdempotencyMismatch
+from actors.errors import IdempotencyMismatch, InternalError
 from actors.executors.noop import NoopExecutor
-from actors.executors.testing import SessionProbe
+from actors.executors.testing import LedgerExecutor, SessionProbe
 from actors.jobs import JobMeta
 from actors.jobstore import JobStore, body_hash, new_job_id
 from actors.keys import Keys
 from actors.settings import RedisSettings, Settings
 from actors.shard import ShardRuntime
 from actors.worker import PoolWorker
+from tests.redis_fixtures import REDIS_URL
 
 pytest_plugins = ("tests.redis_fixtures",)
 
@@ -49,9 +50,9 @@ class Runtime:
         self.shards: list[ShardRuntime] = []
         self.workers: list[PoolWorker] = []
 
-    def start_shards(self) -> None:
+    def start_shards(self, clock: Callable[[], float] = time.time) -> None:
         for i in range(2):
-            shard = ShardRuntime(i, self.settings, redis=self.redis)
+            shard = ShardRuntime(i, self.settings, redis=self.redis, clock=clock)
             self.shards.append(shard)
             self.tasks.append(asyncio.create_task(shard.run()))
 
@@ -283,3 +284,88 @@ async def test_lost_session_replica_restarts_session_elsewhere(runtime: Runtime)
     job = await runtime.wait(job_id, within_s=30)
     assert {s["replica"] for s in job["steps"]} == {"b-survivor"}
     assert job["steps"][0]["attempts"] == 2  # the session's first step ran again
+
+
+class ShiftedClock:
+    """Wall-clock time plus an offset the test moves forward (the injected clock)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def test_delayed_retry_of_10_minutes_runs_exactly_once(
+        redis_settings: RedisSettings, redis_client: aioredis.Redis, reliability: Any) -> None:
+    """A step fails retryably once; the policy (600 s, no jitter) parks its retry in the
+    shard's delayed set. Nothing runs while real seconds pass; once the injected clock
+    (shared by shard, queue and orchestrator) moves 600 s on, the retry runs exactly once,
+    though two timer loops per shard (the shard's and a zombie twin's) race to move it."""
+    settings = make_settings(redis_settings, backoff_base_s=600.0, backoff_max_s=600.0,
+                             backoff_jitter=0.0, max_attempts=3)
+    rt = Runtime(settings, redis_client)
+    clock = ShiftedClock()
+    ledger_key = f"{rt.keys.prefix}:ledger:delayed"
+    twins = [ShardRuntime(i, settings, redis=redis_client, clock=clock) for i in range(2)]
+    twin_timers = [asyncio.create_task(twin._timers()) for twin in twins]
+    executor = LedgerExecutor(REDIS_URL)
+    try:
+        rt.start_shards(clock)
+        rt.start_worker("noop", executor, "ledger-1")
+        job_id = await rt.submit([{"action": "noop", "params": {"ledger": ledger_key,
+                                                                "fail_attempts": 1}}])
+        shard = (await rt.store.load("acme", job_id)).meta.shard
+        delayed = rt.keys.shard_delayed(shard)
+
+        async def parked() -> bool:
+            return await redis_client.zcard(delayed) == 1
+
+        await wait_for(parked)
+        due = (await redis_client.zrange(delayed, 0, -1, withscores=True))[0][1]
+        assert 599.0 <= due - clock() <= 600.5, due - clock()
+        await asyncio.sleep(3.0)  # real time passes; the injected clock is still 600 s short
+        runs = await redis_client.lrange(ledger_key, 0, -1)
+        assert runs == [f"{job_id}:0:1:failed"], runs
+        job = await rt.wait(job_id, ("running",))
+        parked_step = job["steps"][0]
+        assert parked_step["status"] == "queued", parked_step  # waiting for its due time
+        assert parked_step["error"] == "injected failure of attempt 1", parked_step
+        assert await redis_client.zcard(delayed) == 1
+
+        clock.offset += 600.0
+        advanced = time.monotonic()
+        job = await rt.wait(job_id, within_s=10)
+        ran_after_s = time.monotonic() - advanced
+        await asyncio.sleep(2.0)  # time for a duplicate to show up, were there one
+        runs = await redis_client.lrange(ledger_key, 0, -1)
+        assert len(runs) == 2 and runs[0] == f"{job_id}:0:1:failed", runs
+        assert runs[1].startswith(f"{job_id}:0:2:ledger-1:"), runs
+        assert job["steps"][0]["attempts"] == 2
+        assert await redis_client.zcard(delayed) == 0
+        reliability.record("delayed retry of 10 min (injected clock), two timer movers per "
+                           "shard", "not run early; runs exactly once when due",
+                           retry_delay_s=600, runs_before_due=0,
+                           retry_runs=len(runs) - 1, ran_after_clock_advance_s=round(
+                               ran_after_s, 2))
+    finally:
+        for twin in twins:
+            twin.stop()
+        await asyncio.gather(*twin_timers, return_exceptions=True)
+        await rt.stop()
+
+
+async def test_retried_intake_of_the_same_call_is_accepted(runtime: Runtime) -> None:
+    """The client re-sends an intake whose reply was lost (it ran once already): the job is
+    accepted, not a 500 "already exists"; another job under the same id still is refused."""
+    meta = JobMeta(job_id=new_job_id(), tenant="acme", conversation_id="c-retried", shard=0,
+                   todos=[{"action": "noop"}])
+    first = await runtime.store.submit(meta, idempotency_key=None, body_digest="x")
+    again = await runtime.store.submit(meta, idempotency_key=None, body_digest="x")
+    assert first.created and again.created and again.job_id == first.job_id
+    assert len(await runtime.redis.xrange(runtime.keys.shard_inbox(meta.shard))) == 1
+    other = JobMeta(job_id=meta.job_id, tenant="acme", conversation_id="c-other", shard=0,
+                    todos=[{"action": "noop"}], created_at=meta.created_at + 1)
+    with pytest.raises(InternalError):
+        await runtime.store.submit(other, idempotency_key=None, body_digest="x")
+    assert len(await runtime.store.submit_many([meta])) == 1

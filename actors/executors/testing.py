@@ -50,7 +50,8 @@ class SessionProbe(Executor):
 class LedgerExecutor(Executor):
     """Records every execution in a Redis list (an effect ledger for fault tests):
     ``params.ledger`` names the list, ``params.ms`` makes the step take that long. The entry
-    is written after the wait, i.e. it is the step's effect."""
+    is written after the wait, i.e. it is the step's effect. ``params.fail_attempts`` = n
+    makes attempts 1..n fail retryably (recorded as ``job:step:attempt:failed``, no effect)."""
 
     capability = "noop"
 
@@ -71,6 +72,10 @@ class LedgerExecutor(Executor):
         if step.todo.params.get("crash_always") and isinstance(ledger, str):
             await self.redis.rpush(ledger, f"{step.job_id}:{step.step}:crash")
             os._exit(137)  # a poison step: takes its executor down every time
+        if isinstance(ledger, str) and step.attempt <= int(step.todo.params.get(
+                "fail_attempts", 0)):
+            await self.redis.rpush(ledger, f"{step.job_id}:{step.step}:{step.attempt}:failed")
+            return StepOutcome.failure(f"injected failure of attempt {step.attempt}")
         if isinstance(ledger, str) and ledger:
             await self.redis.rpush(ledger, f"{step.job_id}:{step.step}:{step.attempt}:"
                                            f"{self.replica_id}:{os.getpid()}")
@@ -81,6 +86,9 @@ class LedgerExecutor(Executor):
                     f"{ledger}:crashed:{step.idempotency_key}", "1", nx=True):
                 os._exit(137)
         return StepOutcome.success({"replica": self.replica_id, "pid": os.getpid()})
+
+    async def close(self) -> None:
+        await self.redis.aclose()
 
     async def verify(self, step: StepInput) -> bool:
         """Verify-before-retry: the ledger already holds this step's effect."""
