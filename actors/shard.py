@@ -41,6 +41,7 @@ from actors.queue import TaskQueue, dead_letter_fields, delayed_member
 from actors.redisconn import connect
 from actors.retry import RetryPolicy
 from actors.settings import Settings
+from actors.writebatch import WriteBatch, apply_sha
 
 log = logging.getLogger("cpa.shard")
 
@@ -93,7 +94,9 @@ class ShardRuntime:
         self.callbacks = CallbackSender()
         self.processed = 0
         self._lost_reported: set[tuple[str, str, str]] = set()
-        self._pending_commits: list[tuple[Callable[[Any], None], asyncio.Future[None]]] = []
+        self._pending_commits: list[tuple[Callable[[WriteBatch], None],
+                                          asyncio.Future[None]]] = []
+        self._apply_sha = apply_sha(self.redis)
         self._commit_wanted = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -319,7 +322,7 @@ class ShardRuntime:
         wires = [msg.wire() for msg in fx.replies]
         changed_protocol = orch.protocol.take_dirty()
 
-        def fill(pipe: Any) -> None:
+        def fill(pipe: WriteBatch) -> None:
             self._fill(pipe, orch, job, fx, ack, wires, changed_protocol)
 
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -330,18 +333,18 @@ class ShardRuntime:
 
     async def _commit_loop(self) -> None:
         """Group commit: every commit that queued up while the previous round trip ran goes
-        out in ONE MULTI/EXEC (still atomic per event, and for the whole group)."""
+        out in ONE script call (atomic per event, and for the whole group)."""
         while True:
             await self._commit_wanted.wait()
             self._commit_wanted.clear()
             batch, self._pending_commits = self._pending_commits, []
             if not batch:
                 continue
-            pipe = self.redis.pipeline(transaction=True)
+            writes = WriteBatch()
             for fill, _ in batch:
-                fill(pipe)
+                fill(writes)
             try:
-                await pipe.execute()
+                await writes.execute(self.redis, self._apply_sha)
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
@@ -351,7 +354,7 @@ class ShardRuntime:
                 if not future.done():
                     future.set_result(None)
 
-    def _fill(self, pipe: Any, orch: Orchestrator, job: Job | None, fx: Effects,
+    def _fill(self, pipe: WriteBatch, orch: Orchestrator, job: Job | None, fx: Effects,
               ack: str | None, wires: list[dict[str, Any]], changed: dict[str, str]) -> None:
         keys = self.keys
         if job is not None:
@@ -397,8 +400,9 @@ class ShardRuntime:
                       {"e": json.dumps(fx.journal, default=str, separators=(",", ":"))},
                       maxlen=JOURNAL_MAXLEN, approximate=True)
         if job is not None and (fx.events or wires):
-            # Live updates ride in the same round trip; PUBLISH inside MULTI is sent at EXEC,
-            # i.e. only once the state it reports is durable. Replies first: the job's
+            # Live updates ride in the same round trip; a PUBLISH inside the script reaches
+            # subscribers after the script (and its AOF write) completed, i.e. only once the
+            # state it reports is durable. Replies first: the job's
             # terminal event (last) closes WebSocket streams.
             updates = [{"job_id": job.job_id, "lam": w} for w in wires] + fx.events
             pipe.publish(keys.events_channel(job.tenant, job.job_id),

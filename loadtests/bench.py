@@ -60,9 +60,16 @@ def pct(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------ process metrics
 
 
-def system_processes() -> list[psutil.Process]:
-    """Ray's processes (raylet, gcs, workers, Serve actors, dashboard) and redis-server."""
-    found = []
+def system_processes(redis_port: int = 6379) -> list[psutil.Process]:
+    """The system's processes and redis-server. With an own system (started by this script)
+    that is everything this process started — its Ray head, raylet, workers, Serve actors —
+    so other Ray instances on the machine are not counted; with --url, every Ray process."""
+    found = [p for p in psutil.process_iter(["name", "cmdline"])
+             if p.info["name"] == "redis-server"
+             and f":{redis_port}" in " ".join(p.info["cmdline"] or [])]
+    own = psutil.Process().children(recursive=True)
+    if own:
+        return found + own
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         try:
@@ -70,7 +77,7 @@ def system_processes() -> list[psutil.Process]:
                 continue
             name = proc.info["name"] or ""
             cmd = " ".join(proc.info["cmdline"] or [])
-            if (name in ("raylet", "gcs_server", "redis-server") or name.startswith("ray::")
+            if (name in ("raylet", "gcs_server") or name.startswith("ray::")
                     or "ray/_private" in cmd or "ray::" in cmd or "default_worker.py" in cmd
                     or ("dashboard" in cmd and "ray" in cmd)):
                 found.append(proc)
@@ -79,15 +86,24 @@ def system_processes() -> list[psutil.Process]:
     return found
 
 
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
+ROLES = (("ray::ProxyActor", "proxy"), ("ray::ServeReplica:pool-", "pools"),
+         ("ray::ServeReplica:", "ingress"), ("ray::ConversationShard", "shards"),
+         ("redis-server", "redis"))
+
+
+def cpu_by_role(procs: list[psutil.Process]) -> dict[str, float]:
+    """CPU seconds so far of the system's processes, summed per role (proxy, ingress,
+    shards, pools, redis, ray = Ray's own daemons and idle workers)."""
+    out: dict[str, float] = {}
     for proc in procs:
         try:
             t = proc.cpu_times()
-            total += t.user + t.system
+            cmd = " ".join(proc.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total
+        role = next((r for prefix, r in ROLES if cmd.startswith(prefix)), "ray")
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
 
 
 def total_rss() -> int:
@@ -337,14 +353,19 @@ def main(argv: list[str] | None = None) -> int:
                                          "batch": 0, "clients": min(args.clients, 8)})
             asyncio.run(run_load(warm, target))
         procs = system_processes()
-        cpu0 = cpu_seconds(procs)
+        cpu0 = cpu_by_role(procs)
         sampler = RssSampler()
         sampler.start()
         res, t0, t1 = asyncio.run(run_load(args, target))
-        cpu_s = cpu_seconds(procs) - cpu0
+        cpu1 = cpu_by_role(procs)
+        by_role = {role: cpu1[role] - cpu0.get(role, 0.0) for role in cpu1}
+        cpu_s = sum(by_role.values())
         sampler.stop_event.set()
         sampler.join()
         out = summary(args, res, t0, t1, cpu_s, sampler.peak)
+        tasks = max(out["succeeded"] * 4, 1)
+        out["cpu_s_per_1000_tasks_by_role"] = {
+            role: round(v / tasks * 1000, 3) for role, v in sorted(by_role.items())}
     finally:
         if target.cleanup:
             target.cleanup()
