@@ -31,6 +31,9 @@ from actors.shard import cancel_channel
 
 log = logging.getLogger("cpa.worker")
 
+PUBLISH_DELAY_S = 0.005
+"""How long a live "running" update may wait to ride along with a result commit, s."""
+
 
 class PoolWorker:
     """Runs steps of one capability for one replica."""
@@ -61,6 +64,7 @@ class PoolWorker:
         self._commits: list[tuple[Lease, str, dict[str, str], asyncio.Future[bool]]] = []
         self._publish: list[tuple[str, str]] = []
         self._flush_wanted = asyncio.Event()
+        self._publish_timer: asyncio.TimerHandle | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.started = False
         self.last_error: str | None = None
@@ -249,7 +253,9 @@ class PoolWorker:
                     step.todo.action in self.side_effects and await self.executor.verify(step):
                 # Verify-before-retry (D5): an earlier attempt already took effect.
                 return StepOutcome.success({"verified": True})
-            return await asyncio.wait_for(self.executor.execute(step), step.timeout_s)
+            # asyncio.timeout, not wait_for: no extra task per step.
+            async with asyncio.timeout(step.timeout_s):
+                return await self.executor.execute(step)
         except TimeoutError:
             return StepOutcome.failure(f"step timed out after {step.timeout_s} s",
                                        kind="timeout")
@@ -311,7 +317,16 @@ class PoolWorker:
                  "attempt": step.attempt, "replica": self.replica_id, "ts": started}
         self._publish.append((self.keys.events_channel(step.tenant, step.job_id),
                               json.dumps(event)))
-        self._flush_wanted.set()
+        # Not at once: a quick step's result is usually ready within this delay, and then
+        # the update and the result share one round trip.
+        if self._publish_timer is None:
+            self._publish_timer = asyncio.get_running_loop().call_later(
+                PUBLISH_DELAY_S, self._publish_due)
+
+    def _publish_due(self) -> None:
+        self._publish_timer = None
+        if self._publish:
+            self._flush_wanted.set()
 
     async def _report_dead(self, entry: DeadEntry) -> None:
         """Tell the job's orchestrator that a poison entry was dead-lettered."""
