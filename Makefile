@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck unit schema bench clean down reliability
+.PHONY: install run test lint typecheck unit schema bench clean down reliability \
+	reliability-long
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,9 +29,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-## Lint, type-check and run the whole suite (needs Redis on 127.0.0.1:6379; .ci/run starts one).
+## Lint, type-check and run the suite without the slow scenarios (needs Redis on
+## 127.0.0.1:6379; .ci/run starts one). `make reliability-long` runs the slow ones.
 test: install lint typecheck
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
 
 ## Regenerate docs/lam.schema.json from the LAM models.
 schema: install
@@ -42,6 +44,10 @@ bench: install
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
-## Run the fault-injection scenarios and regenerate docs/reliability.md from what they measured.
+## Run the fast fault-injection scenarios and refresh their rows of docs/reliability.md.
 reliability: install
-	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s tests/test_e2e_faults.py tests/test_faults_agent.py tests/test_e2e_http.py -k "fault or kill or sigstop or overload or poison or longer or oversized or malformed or sigkill or redis or rate_limit"
+	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s -m "not slow" tests/test_e2e_faults.py tests/test_faults_agent.py tests/test_faults_outage.py tests/test_e2e_http.py tests/test_runtime_local.py -k "fault or kill or sigstop or overload or poison or longer or oversized or malformed or sigkill or redis or rate_limit or delayed_retry"
+
+## Run the slow fault-injection scenarios (minutes) and refresh their rows of docs/reliability.md.
+reliability-long: install
+	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s -m slow tests/test_e2e_faults.py tests/test_faults_outage.py
