@@ -260,6 +260,35 @@ def deploy_system(overrides: dict[str, Any], *, http_port: int = 0, route_prefix
     return base
 
 
+def direct_ingress_urls(app_name: str = "cpa", host: str | None = "127.0.0.1") -> list[str]:
+    """Base URLs of the app's ingress replicas' own HTTP servers when Serve's direct ingress
+    is on (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in the cluster's environment): each
+    replica answers on its own port, without the proxy hop. Empty when it is off. The same
+    targets are published as ``target_groups`` by the dashboard's
+    ``GET /api/serve/applications/`` for a load balancer. The replicas bind Serve's HTTP
+    host (loopback for a local system): ``host`` replaces the node IPs the targets report
+    (None keeps them, for a cluster whose Serve binds 0.0.0.0)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    if client is None:
+        return []
+    controller = client._controller
+    try:
+        groups = ray.get(controller.get_target_groups.remote(app_name), timeout=30)
+    except Exception:
+        return []
+    out = []
+    for group in groups:
+        if str(getattr(group.protocol, "value", group.protocol)).lower() != "http" or \
+                group.app_name != app_name:
+            continue
+        prefix = group.route_prefix.rstrip("/")
+        out += [f"http://{host or t.ip}:{t.port}{prefix}" for t in group.targets]
+    return out
+
+
 def wait_healthy(base: str, replicas: dict[str, int], within_s: float) -> None:
     """Poll ``base``/health until each named pool has at least that many replicas."""
     deadline = time.monotonic() + within_s

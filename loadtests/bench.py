@@ -141,6 +141,7 @@ class Target:
     redis_url: str
     prefix: str
     cleanup: Any = None
+    urls: list[str] = field(default_factory=list)  # client i uses urls[i % len(urls)]
 
 
 def start_own_system(args: argparse.Namespace) -> Target:
@@ -151,6 +152,8 @@ def start_own_system(args: argparse.Namespace) -> Target:
 
     from actors.launcher import deploy_system
 
+    if args.direct:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=namespace,
              log_to_driver=False, configure_logging=False)
@@ -164,6 +167,12 @@ def start_own_system(args: argparse.Namespace) -> Target:
                         pools=[{"capability": "noop", "workers": args.workers,
                                 "num_replicas": args.replicas}],
                         ingress_replicas=args.ingress_replicas)
+    urls = [url]
+    if args.direct:
+        from actors.launcher import direct_ingress_urls
+
+        urls = direct_ingress_urls("cpa") or urls
+        print(f"direct ingress: {urls}", file=sys.stderr)
 
     def cleanup() -> None:
         try:
@@ -185,7 +194,8 @@ def start_own_system(args: argparse.Namespace) -> Target:
 
             asyncio.run(drop_keys())
 
-    return Target(url=url, redis_url=args.redis_url, prefix=prefix, cleanup=cleanup)
+    return Target(url=urls[0], redis_url=args.redis_url, prefix=prefix, cleanup=cleanup,
+                  urls=urls)
 
 
 # --------------------------------------------------------------------------- load
@@ -213,7 +223,7 @@ async def submit_all(args: argparse.Namespace, target: Target, res: Results) -> 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                      headers=headers) as session:
 
-        async def worker() -> None:
+        async def worker(base: str) -> None:
             nonlocal remaining
             while True:
                 async with lock:
@@ -224,9 +234,9 @@ async def submit_all(args: argparse.Namespace, target: Target, res: Results) -> 
                 t0 = time.time()
                 if args.batch:
                     body = json.dumps({"jobs": [{"todos": todos}] * n}).encode()
-                    url = f"{target.url}/schedule/batch"
+                    url = f"{base}/schedule/batch"
                 else:
-                    body, url = single, f"{target.url}/schedule"
+                    body, url = single, f"{base}/schedule"
                 async with session.post(url, data=body) as r:
                     status = r.status
                     retry_after = float(r.headers.get("Retry-After", "1"))
@@ -243,24 +253,48 @@ async def submit_all(args: argparse.Namespace, target: Target, res: Results) -> 
                 ids = [j["job_id"] for j in data["jobs"]] if args.batch else [data["job_id"]]
                 for job_id in ids:
                     res.submitted[job_id] = t0
-                if args.latency:
-                    await wait_one(target, ids[0], res)
+                if waiter is not None:
+                    await waiter.wait(ids[0], res)
 
-        await asyncio.gather(*(worker() for _ in range(1 if args.latency else args.clients)))
+        bases = target.urls or [target.url]
+        waiter = Waiter(target) if args.latency else None
+        try:
+            await asyncio.gather(*(worker(bases[i % len(bases)])
+                                   for i in range(1 if args.latency else args.clients)))
+        finally:
+            if waiter is not None:
+                await waiter.close()
 
 
-async def wait_one(target: Target, job_id: str, res: Results) -> None:
-    client = aioredis.from_url(target.redis_url, decode_responses=True)
-    key = f"{target.prefix}:{{t:{TENANT}}}:job:{job_id}"
-    try:
-        while True:
-            status, updated = await client.hmget(key, ["status", "updated_at"])
-            if status in ("succeeded", "failed", "cancelled"):
-                res.finished[job_id] = (status, float(updated))
-                return
-            await asyncio.sleep(0.0005)
-    finally:
-        await client.aclose()
+class Waiter:
+    """Waits for one job at a time without polling (polling would steal the CPU being
+    measured): subscribe to the job's live-update channel, read its status once (closes the
+    race with a job that finished before the subscription), then wait for updates."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.client = aioredis.from_url(target.redis_url, decode_responses=True)
+        self.pubsub = self.client.pubsub()
+
+    async def wait(self, job_id: str, res: Results) -> None:
+        tag = f"{self.target.prefix}:{{t:{TENANT}}}"
+        channel = f"{tag}:events:{job_id}"
+        await self.pubsub.subscribe(channel)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                status, updated = await self.client.hmget(f"{tag}:job:{job_id}",
+                                                          ["status", "updated_at"])
+                if status in ("succeeded", "failed", "cancelled"):
+                    res.finished[job_id] = (status, float(updated))
+                    return
+                await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        finally:
+            await self.pubsub.unsubscribe(channel)
+
+    async def close(self) -> None:
+        await self.pubsub.aclose()
+        await self.client.aclose()
 
 
 async def watch_all(args: argparse.Namespace, target: Target, res: Results,
@@ -336,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=1, help="noop executor replicas")
     parser.add_argument("--workers", type=int, default=64, help="concurrent steps per replica")
     parser.add_argument("--ingress-replicas", type=int, default=1)
+    parser.add_argument("--direct", action="store_true",
+                        help="Serve direct ingress: clients talk to the ingress replica's own "
+                             "HTTP port (no proxy hop)")
     parser.add_argument("--url", help="target a running system instead of starting one")
     parser.add_argument("--prefix", default="cpa", help="its Redis key prefix (with --url)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
