@@ -78,7 +78,6 @@ class PoolWorker:
         self._flusher = asyncio.create_task(self._flush_loop(), name="flush")
         self._background = [
             asyncio.create_task(self._alive_loop(), name="alive"),
-            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
             asyncio.create_task(self._cancel_listener(), name="cancel"),
         ]
         try:
@@ -116,15 +115,28 @@ class PoolWorker:
     # ------------------------------------------------------------------- loops
 
     async def _pull_loop(self) -> None:
+        interval = self.settings.queue.reclaim_interval_s
+        next_reclaim = time.monotonic() + interval
         while not self._stopping.is_set():
             free = self.workers - len(self.running)
             if free <= 0:
                 await asyncio.sleep(0.002)
                 continue
+            now = time.monotonic()
+            if now >= next_reclaim:
+                # Reclaim before reading new entries, with the slots free now: a step lost
+                # with a dead consumer has waited a visibility timeout already and must not
+                # also wait behind the whole backlog. A due reclaim stays due until a slot
+                # frees, so it gets the first one.
+                next_reclaim = now + interval
+                free -= await self._reclaim(free)
+                if free <= 0:
+                    continue
+            block_ms = max(1, min(500, int((next_reclaim - time.monotonic()) * 1000)))
             try:
                 leases = await self.queue.read(self.capability, self.consumer,
                                                own_stream=self.own_stream, count=free,
-                                               block_ms=500)
+                                               block_ms=block_ms)
             except Exception as exc:
                 self.last_error = f"read: {exc}"
                 log.warning("%s: read failed: %s", self.replica_id, exc)
@@ -147,22 +159,25 @@ class PoolWorker:
                 await self.redis.set(key, str(time.time()), ex=ttl)
             await asyncio.sleep(min(self.settings.queue.heartbeat_interval_s, ttl / 3))
 
-    async def _reclaim_loop(self) -> None:
-        streams = [*self.keys.task_streams(self.capability)]
-        while not self._stopping.is_set():
-            await asyncio.sleep(self.settings.queue.reclaim_interval_s)
-            for stream in streams:
-                free = self.workers - len(self.running)
-                if free <= 0 or self._stopping.is_set():
-                    break
-                try:
-                    leases, dead = await self.queue.reclaim(stream, self.consumer, count=free)
-                except Exception as exc:
-                    self.last_error = f"reclaim: {exc}"
-                    continue
-                for entry in dead:
-                    await self._report_dead(entry)
-                self._start(leases)
+    async def _reclaim(self, free: int) -> int:
+        """Take over up to ``free`` expired leases (of dead or stuck consumers) from the
+        capability's shared streams and start them; entries delivered too often go to the
+        DLQ instead and their jobs are told. Returns how many leases were started."""
+        taken = 0
+        for stream in self.keys.task_streams(self.capability):
+            if taken >= free or self._stopping.is_set():
+                break
+            try:
+                leases, dead = await self.queue.reclaim(stream, self.consumer,
+                                                        count=free - taken)
+            except Exception as exc:
+                self.last_error = f"reclaim: {exc}"
+                continue
+            for entry in dead:
+                await self._report_dead(entry)
+            self._start(leases)
+            taken += len(leases)
+        return taken
 
     async def _cancel_listener(self) -> None:
         while True:  # a Redis outage ends a subscription: subscribe again once it is back
