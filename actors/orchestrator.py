@@ -16,11 +16,15 @@ from typing import Any
 
 from actors import lam
 from actors.errors import Conflict
-from actors.jobs import Job, JobStatus, StepStatus
+from actors.jobs import Job, JobStatus, StepState, StepStatus
 from actors.retry import RetryPolicy
 
 SCHEDULER_AGENT = "agent://scheduler/cpa"
 """Sender of replies to /schedule jobs (LAM requests are answered by their addressee)."""
+
+DISPATCH_DEADLINE_S = 300.0
+"""Default of ``queue.dispatch_deadline_s``: how long a dispatched attempt may wait for an
+executor to start it (its ``start_by`` is its queued/due time plus this), seconds."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,10 @@ class Orchestrator:
         rng: random.Random | None = None,
         inform: str = "steps",
         protocol: lam.Conversation | None = None,
+        dispatch_deadline_s: float = DISPATCH_DEADLINE_S,
     ) -> None:
         self.tenant = tenant
+        self.dispatch_deadline_s = dispatch_deadline_s
         self.conversation_id = conversation_id
         self.policy = policy
         self.clock = clock
@@ -197,7 +203,7 @@ class Orchestrator:
         fx.events.append(self._event(job, res.step))
         if step.error_kind != "dead_lettered":  # a poison entry is in the DLQ already
             fx.dead_letters.append((
-                self._entry(job, res.step, None),
+                self._entry(job, res.step, None, deadline=False),
                 f"step failed after {step.attempts} attempt(s) ({step.error_kind}): "
                 f"{step.error}",
             ))
@@ -337,8 +343,11 @@ class Orchestrator:
         if due is None:
             fx.events.append(self._event(job, index))
 
-    def _entry(self, job: Job, index: int, due: float | None) -> Dispatch:
-        """The task-stream entry of the step's current attempt."""
+    def _entry(self, job: Job, index: int, due: float | None, *, deadline: bool = True
+               ) -> Dispatch:
+        """The task-stream entry of the step's current attempt. ``deadline``: it carries
+        ``start_by`` (epoch s): an executor must not start it later (a dead letter does not:
+        replaying it is a deliberate new start)."""
         session = job.graph.sessions[index]
         replica = job.sessions.get(session) if session is not None else None
         payload: dict[str, Any] = {
@@ -350,6 +359,8 @@ class Orchestrator:
         }
         if session is not None:
             payload["session"] = f"{job.job_id}:{session}"
+        if deadline:
+            payload["start_by"] = start_by(job.steps[index], self.dispatch_deadline_s)
         return Dispatch(job_id=job.job_id, step=index, capability=job.graph.capabilities[index],
                         priority=job.meta.priority, payload=payload, replica=replica, due=due)
 
@@ -438,6 +449,12 @@ class Orchestrator:
         except Exception:
             return None
         return msg
+
+
+def start_by(step: StepState, deadline_s: float) -> float:
+    """When an executor must have started the step's current attempt: its due time (a
+    delayed retry) or the time it was queued, plus ``deadline_s`` (epoch seconds)."""
+    return (step.not_before or step.queued_at or 0.0) + deadline_s
 
 
 def restartable_sessions(job: Job, alive: Iterable[str]) -> list[str]:

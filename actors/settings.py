@@ -143,6 +143,11 @@ class QueueSettings(_Section):
     poison_max_deliveries: int = Field(
         5, ge=1, description="Deliveries of one entry before it is dead-lettered, count."
     )
+    dispatch_deadline_s: float = Field(
+        300.0, gt=0, description="How long a dispatched step attempt may wait (queued, or "
+        "after its retry delay) for an executor to start it; later it fails as `lost` and "
+        "the retry policy decides (retry or dead-letter), seconds.",
+    )
     idempotency_ttl_s: int = Field(
         86_400, ge=60, description="How long an intake id/Idempotency-Key is remembered, seconds."
     )

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -22,12 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors import lam
 from actors.callbacks import CallbackSender
-from actors.errors import CpaError, NotFound
-from actors.jobs import Job, JobStatus
+from actors.errors import CpaError, NotFound, OperatorError
+from actors.jobs import Job, JobStatus, StepStatus
 from actors.jobstore import INBOX_GROUP, JobStore, job_to_fields
 from actors.keys import Keys
 from actors.orchestrator import (
@@ -36,6 +40,7 @@ from actors.orchestrator import (
     Orchestrator,
     StepResult,
     restartable_sessions,
+    start_by,
 )
 from actors.queue import TaskQueue, dead_letter_fields, delayed_member
 from actors.redisconn import connect
@@ -71,6 +76,71 @@ class _Mailbox:
     task: asyncio.Task[None] | None = None
 
 
+class Deadlines:
+    """When each dispatched step attempt is given up as lost, in one-second buckets.
+
+    ``arm`` and ``disarm`` are O(1) (plus a heap push when an arm opens a new second), so
+    the hot path pays almost nothing per dispatch and per finished step, and memory holds
+    only the attempts in flight; ``due`` pops whole buckets whose second has come (an
+    attempt expires up to one second after its exact expiry, never before).
+    """
+
+    __slots__ = ("_buckets", "_order", "_slot")
+
+    def __init__(self) -> None:
+        # bucket second -> (job_id, step) -> (tenant, conversation, attempt)
+        self._buckets: dict[int, dict[tuple[str, int], tuple[str, str, int]]] = {}
+        self._order: list[int] = []  # heap of the bucket seconds
+        self._slot: dict[tuple[str, int], int] = {}  # (job_id, step) -> its bucket second
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def arm(self, expiry: float, tenant: str, conv: str, job_id: str, step: int,
+            attempt: int) -> None:
+        """Watch ``attempt`` of the step (replacing what was watched for the step)."""
+        key = (job_id, step)
+        self.disarm(job_id, step)
+        second = math.ceil(expiry)
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            bucket = self._buckets[second] = {}
+            heapq.heappush(self._order, second)
+        bucket[key] = (tenant, conv, attempt)
+        self._slot[key] = second
+
+    def disarm(self, job_id: str, step: int) -> None:
+        """Stop watching the step (it finished, or is no longer in flight)."""
+        second = self._slot.pop((job_id, step), None)
+        if second is not None:
+            bucket = self._buckets.get(second)
+            if bucket is not None:
+                bucket.pop((job_id, step), None)
+
+    def due(self, now: float) -> list[tuple[str, str, str, int, int]]:
+        """Pop every watched attempt whose expiry has come:
+        (tenant, conversation, job_id, step, attempt)."""
+        out: list[tuple[str, str, str, int, int]] = []
+        while self._order and self._order[0] <= now:
+            second = heapq.heappop(self._order)
+            for (job_id, step), (tenant, conv, attempt) in self._buckets.pop(second,
+                                                                              {}).items():
+                self._slot.pop((job_id, step), None)
+                out.append((tenant, conv, job_id, step, attempt))
+        return out
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure of the infrastructure (Redis unreachable, loading, out of memory), not of
+    the entry: processing the entry again later may well succeed."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError
+                  | OperatorError):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in (
+        "OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN",
+        "CLUSTERDOWN", "NOSCRIPT")
+
+
 class ShardRuntime:
     """The event loop of one ConversationShard."""
 
@@ -94,6 +164,12 @@ class ShardRuntime:
         self.callbacks = CallbackSender()
         self.processed = 0
         self._lost_reported: set[tuple[str, str, str]] = set()
+        self.deadlines = Deadlines()
+        q = settings.queue
+        # An attempt started just before its start_by may run for its timeout and hold its
+        # lease a visibility timeout after a crash; then a reclaim pass must find it.
+        self._expiry_extra_s = q.visibility_timeout_s + q.reclaim_interval_s + 1.0
+        self._entry_failures: dict[str, int] = {}
         self._pending_commits: list[tuple[Callable[[WriteBatch], None],
                                           asyncio.Future[None]]] = []
         self._apply_sha = apply_sha(self.redis)
@@ -145,6 +221,7 @@ class ShardRuntime:
                 continue
             mailbox = self._mailbox(tenant, job.meta.conversation_id)
             mailbox.orchestrator.jobs[job_id] = job
+            self._arm_in_flight(job)
         if members:
             log.info("shard %s resumed %d active jobs", self.index, len(members))
 
@@ -206,7 +283,8 @@ class ShardRuntime:
         mailbox = self.mailboxes.get(key)
         if mailbox is None:
             orch = Orchestrator(tenant, conv, policy=self.policy, clock=self.clock, rng=self.rng,
-                                inform=self.settings.runtime.inform)
+                                inform=self.settings.runtime.inform,
+                                dispatch_deadline_s=self.settings.queue.dispatch_deadline_s)
             mailbox = _Mailbox(orchestrator=orch)
             self.mailboxes[key] = mailbox
         return mailbox
@@ -218,15 +296,24 @@ class ShardRuntime:
             try:
                 await self._process(mailbox.orchestrator, entry_id, fields)
                 self.processed += 1
+                if self._entry_failures:
+                    self._entry_failures.pop(entry_id, None)
             except Exception as exc:
                 # State in memory may be ahead of Redis now: forget it, reload on redelivery.
-                log.warning("shard %s: entry %s failed (%s: %s); will be redelivered",
-                            self.index, entry_id, type(exc).__name__, exc)
                 mailbox.orchestrator.jobs.clear()
                 mailbox.orchestrator.protocol = lam.Conversation(
                     mailbox.orchestrator.conversation_id)
                 mailbox.orchestrator.protocol_loaded = False
-                await asyncio.sleep(0.2)
+                failures = self._entry_failures.get(entry_id, 0)
+                if not _transient(exc):
+                    failures = self._entry_failures[entry_id] = failures + 1
+                limit = self.settings.queue.poison_max_deliveries
+                if failures >= limit:
+                    await self._poison(mailbox.orchestrator, entry_id, fields, exc, failures)
+                else:
+                    log.warning("shard %s: entry %s failed (%s: %s); will be redelivered",
+                                self.index, entry_id, type(exc).__name__, exc)
+                    await asyncio.sleep(0.2)
             finally:
                 self.inflight.discard(entry_id)
             mailbox.orchestrator.last_active = self.clock()
@@ -242,7 +329,23 @@ class ShardRuntime:
         except NotFound:
             return None
         orch.jobs[job_id] = job
+        self._arm_in_flight(job)
         return job
+
+    def _arm_in_flight(self, job: Job) -> None:
+        """Watch the deadlines of a job's attempts in flight (a job loaded from Redis)."""
+        if job.status.terminal:
+            return
+        for index, step in enumerate(job.steps):
+            if step.status.in_flight:
+                self._arm(job, index)
+
+    def _arm(self, job: Job, index: int) -> None:
+        step = job.steps[index]
+        expiry = (start_by(step, self.settings.queue.dispatch_deadline_s)
+                  + job.graph.timeouts_s[index] + self._expiry_extra_s)
+        self.deadlines.arm(expiry, job.tenant, job.meta.conversation_id, job.job_id, index,
+                           step.attempts)
 
     async def _load_protocol(self, orch: Orchestrator) -> None:
         if orch.protocol_loaded:
@@ -261,7 +364,8 @@ class ShardRuntime:
         await self._load_protocol(orch)
         fx = Effects()
         job: Job | None = None
-        if kind in ("submit", "result", "cancel", "retry", "started", "session_lost"):
+        if kind in ("submit", "result", "cancel", "retry", "started", "session_lost",
+                    "deadline"):
             job = await self._job(orch, tenant, job_id)
             if job is None:
                 await self._ack_only(entry_id, f"{kind} for unknown job {job_id}")
@@ -279,6 +383,10 @@ class ShardRuntime:
                 self._lost_reported.discard((job_id, session, replica))
                 if job.sessions.get(session) == replica:
                     fx = orch.session_lost(job, session, f"replica {replica} is gone")
+                    await self._drop_dead_replica_stream(job, session, replica)
+            elif kind == "deadline":
+                data = json.loads(fields.get("d", "{}"))
+                fx = self._on_deadline(orch, job, int(data["step"]), int(data["attempt"]))
             elif kind == "cancel":
                 fx = orch.cancel(job, fields.get("reason") or "cancelled by request")
             else:
@@ -292,6 +400,93 @@ class ShardRuntime:
         else:
             fx.journal.append({"event": "unknown_entry", "kind": kind})
         await self._commit(orch, job, fx, ack=entry_id)
+
+    def _on_deadline(self, orch: Orchestrator, job: Job, index: int, attempt: int) -> Effects:
+        """A dispatched attempt's time is up (never started within the dispatch deadline, or
+        started and then its executor vanished): it failed as ``lost``; the retry policy
+        re-dispatches it or fails the job and dead-letters the step."""
+        if not 0 <= index < len(job.steps) or job.status is not JobStatus.RUNNING:
+            return Effects()
+        step = job.steps[index]
+        if step.attempts != attempt or not step.status.in_flight:
+            return Effects()  # it finished or moved on meanwhile
+        deadline_s = self.settings.queue.dispatch_deadline_s
+        error = (f"no executor started step {index} of capability "
+                 f"{job.graph.capabilities[index]} within {deadline_s:g} s (dispatch "
+                 f"deadline), or the one that started it vanished without a result "
+                 f"(attempt {attempt})")
+        fx = orch.on_result(job, StepResult(
+            job_id=job.job_id, step=index, attempt=attempt, ok=False, error=error,
+            error_kind="lost", retryable=True, finished_at=self.clock()))
+        fx.journal.insert(0, {"event": "dispatch_deadline", "job": job.job_id, "step": index,
+                              "attempt": attempt})
+        return fx
+
+    async def _drop_dead_replica_stream(self, job: Job, session: str, replica: str) -> None:
+        """The replica that owned ``session`` is gone for good (no liveness key): delete its
+        own stream. What waits there are session steps of sessions that are restarted
+        elsewhere (by this event, or by the same event of their own jobs); were the replica
+        alive after all, a step deleted here is recovered by its dispatch deadline."""
+        cap = next((job.graph.capabilities[i] for i, s in enumerate(job.graph.sessions)
+                    if s == session), None)
+        if cap is None or await self.redis.exists(self.keys.replica_alive(cap, replica)):
+            return
+        if await self.redis.unlink(self.keys.replica_stream(cap, replica)):
+            log.info("shard %s: deleted the own stream of dead replica %s", self.index,
+                     replica)
+
+    async def _poison(self, orch: Orchestrator, entry_id: str, fields: dict[str, str],
+                      exc: Exception, failures: int) -> None:
+        """An inbox entry failed ``failures`` times: stop retrying it. It goes to the DLQ
+        (with the reason; replayable once fixed) and is acknowledged in one transaction,
+        then its job, if it can be loaded, is marked failed (best effort)."""
+        kind, tenant, job_id = fields.get("k", ""), fields.get("t", ""), fields.get("j", "")
+        reason = (f"inbox entry {entry_id} ({kind or 'no kind'}) failed {failures} times: "
+                  f"{type(exc).__name__}: {exc}")[:1000]
+        log.error("shard %s: %s; dead-lettered", self.index, reason)
+        dead = dead_letter_fields(self.inbox, entry_id, fields, reason, failures, self.clock())
+        dead["tenant"] = tenant  # inbox entries name it "t"
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.keys.dlq(), dead,  # type: ignore[arg-type]
+                          maxlen=self.settings.queue.stream_maxlen, approximate=True)
+                pipe.xack(self.inbox, INBOX_GROUP, entry_id)
+                await pipe.execute()
+        except Exception as err:
+            log.warning("shard %s: could not dead-letter entry %s (%s); will be redelivered",
+                        self.index, entry_id, err)
+            await asyncio.sleep(0.2)
+            return
+        self._entry_failures.pop(entry_id, None)
+        if not job_id or kind == "lam":
+            return
+        try:
+            job = await self.store.load(tenant, job_id)
+            if job.status.terminal:
+                return
+            fx = Effects()
+            for index, step in enumerate(job.steps):
+                if step.status.in_flight:
+                    fx.cancel_running.append(index)
+                    step.status = StepStatus.FAILED
+                    step.error, step.error_kind = reason, "poison"
+                    step.finished_at = self.clock()
+                elif not step.status.terminal:
+                    step.status = StepStatus.SKIPPED
+                else:
+                    continue
+                fx.changed_steps.add(index)
+            fx.status_from = job.status
+            job.status = JobStatus.FAILED
+            job.error = reason
+            job.updated_at = self.clock()
+            fx.job_changed = True
+            fx.events.append({"job_id": job_id, "status": job.status.value, "error": reason})
+            fx.journal.append({"event": "failed", "job": job_id, "reason": reason})
+            await self._commit(orch, job, fx, ack=None)
+        except Exception as err:
+            log.warning("shard %s: could not mark job %s failed after a poison entry: %s",
+                        self.index, job_id, err)
 
     def _on_lam(self, orch: Orchestrator, fields: dict[str, str]) -> Effects:
         """A LAM message that starts no job: record it (protocol), answer refusals."""
@@ -415,11 +610,23 @@ class ShardRuntime:
 
     def _after_commit(self, orch: Orchestrator, job: Job | None, fx: Effects,
                       wires: list[dict[str, Any]]) -> None:
-        if job is not None and job.meta.callback_url:
+        if job is None:
+            return
+        if job.meta.callback_url:
             for wire in wires:
                 self.callbacks.post(job.meta.callback_url, wire)
-        if job is not None and job.status.terminal:
+        # Deadlines: only attempts durably dispatched (committed now) are watched.
+        steps = job.steps
+        if job.status.terminal:
             orch.jobs.pop(job.job_id, None)
+            for index in range(len(steps)):
+                self.deadlines.disarm(job.job_id, index)
+            return
+        for index in fx.changed_steps:
+            if not steps[index].status.in_flight:
+                self.deadlines.disarm(job.job_id, index)
+        for d in fx.dispatches:
+            self._arm(job, d.step)
 
     # ----------------------------------------------------------------------- timers
 
@@ -430,6 +637,8 @@ class ShardRuntime:
             try:
                 await self.queue.move_due(zset, limit=500)
                 now = self.clock()
+                if self.deadlines:
+                    await self._expire_due(now)
                 if now - last_watch >= 1.0:
                     last_watch = now
                     await self._watch_sessions()
@@ -437,6 +646,35 @@ class ShardRuntime:
             except Exception as exc:
                 log.warning("shard %s timers: %s", self.index, exc)
             await asyncio.sleep(0.05)
+
+    async def _expire_due(self, now: float) -> None:
+        """Attempts whose time is up and still in flight: a ``deadline`` event each, through
+        the inbox so it is ordered with the job's other events (one round trip for all)."""
+        events = []
+        for tenant, conv, job_id, index, attempt in self.deadlines.due(now):
+            mailbox = self.mailboxes.get((tenant, conv))
+            job = mailbox.orchestrator.jobs.get(job_id) if mailbox else None
+            if job is None or job.status is not JobStatus.RUNNING:
+                continue  # finished (or to be reloaded, which watches it again)
+            step = job.steps[index]
+            if step.attempts == attempt and step.status.in_flight:
+                events.append((job, index, attempt))
+        if not events:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job, index, attempt in events:
+                    pipe.xadd(self.inbox, {
+                        "k": "deadline", "t": job.tenant, "c": job.meta.conversation_id,
+                        "j": job.job_id,
+                        "d": json.dumps({"step": index, "attempt": attempt}),
+                    })
+                await pipe.execute()
+        except Exception:
+            for job, index, attempt in events:  # try again in a second
+                self.deadlines.arm(now + 1.0, job.tenant, job.meta.conversation_id,
+                                   job.job_id, index, attempt)
+            raise
 
     async def _watch_sessions(self) -> None:
         """Restart sessions whose owning replica stopped heartbeating (D8)."""

@@ -221,29 +221,42 @@ class PoolWorker:
             await self.queue.dead_letter_lease(lease, f"undecodable step entry: {exc}")
             self.running.pop(lease.entry_id, None)
             return
-        heartbeat = asyncio.create_task(self._heartbeat(lease))
         started = time.time()
         outcome: StepOutcome
-        try:
-            self._publish_running(step, started)
-            outcome = await self._execute(step, lease)
-        except asyncio.CancelledError:
-            if self._stopping.is_set():
+        start_by = payload.get("start_by")
+        if isinstance(start_by, int | float) and started > start_by:
+            # Its dispatch deadline passed while it waited (backlog, or a consumer that died
+            # holding it): not run. The shard may have given up on this attempt already; if
+            # not, the retry policy decides (a fresh attempt with a fresh deadline).
+            heartbeat = None
+            outcome = StepOutcome.failure(
+                f"not started: no executor started step {step.step} ({step.capability}) "
+                f"within its dispatch deadline (missed by {started - start_by:.1f} s)",
+                kind="expired")
+        else:
+            heartbeat = asyncio.create_task(self._heartbeat(lease))
+            try:
+                self._publish_running(step, started)
+                outcome = await self._execute(step, lease)
+            except asyncio.CancelledError:
+                if self._stopping.is_set():
+                    heartbeat.cancel()
+                    raise  # shutdown: the lease is released by shutdown()
+                outcome = StepOutcome.failure("cancelled", kind="cancelled", retryable=False)
+            finally:
                 heartbeat.cancel()
-                raise  # shutdown: the lease is released by shutdown()
-            outcome = StepOutcome.failure("cancelled", kind="cancelled", retryable=False)
-        finally:
-            heartbeat.cancel()
         finished = time.time()
         try:
-            if heartbeat.done() and not heartbeat.cancelled() and heartbeat.result() is False:
+            if heartbeat is not None and heartbeat.done() and not heartbeat.cancelled() and \
+                    heartbeat.result() is False:
                 self.lost_leases += 1
                 return  # our lease was reclaimed: someone else owns this attempt now
             result = {
                 "step": step.step, "attempt": step.attempt, "ok": outcome.ok,
                 "output": outcome.output, "error": outcome.error,
                 "error_kind": outcome.error_kind, "retryable": outcome.retryable,
-                "replica": self.replica_id, "started_at": started, "finished_at": finished,
+                "replica": self.replica_id, "finished_at": finished,
+                "started_at": None if heartbeat is None else started,  # None: never ran
             }
             fields = {"k": "result", "t": step.tenant, "c": payload["conv"], "j": step.job_id,
                       "d": json.dumps(result, separators=(",", ":"), default=str)}

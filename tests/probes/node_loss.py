@@ -15,7 +15,10 @@ step take effect twice, how long recovery takes.
 
 Phase 2: the last labelled node is removed too while steps run and wait. Measures, for a
 bound, what happens to those jobs (do they end: failed/dead-lettered; or wait for ever) and
-what ``/health`` (``serve.health.health_report``) says about the pool.
+what ``/health`` (``serve.health.health_report``) says about the pool. With no consumer
+left, each attempt is given up as lost after ``queue.dispatch_deadline_s`` (DEADLINE_S, long
+enough for phase 1's backlog) + the step's timeout + the lease; phase 2's steps have two
+attempts, so their jobs fail (and the steps are dead-lettered) after about twice that.
 
 Prints one ``RESULT {json}`` line; the test asserts on it.
 """
@@ -39,17 +42,23 @@ PHASE1_STEP_MS = 1000
 PHASE1_BOUND_S = 60.0
 PHASE2_JOBS = 8
 PHASE2_STEP_MS = 1500
-PHASE2_BOUND_S = 20.0
+PHASE2_STEP_TIMEOUT_S = 3
+PHASE2_MAX_ATTEMPTS = 2
+PHASE2_BOUND_S = 90.0
+PHASE2_HEALTH_S = 20.0
 VISIBILITY_S = 2.5
+DEADLINE_S = 30.0
 
 
-def plan(ledger: str, ms: int, steps: int, *, chained: bool) -> list[dict[str, Any]]:
+def plan(ledger: str, ms: int, steps: int, *, chained: bool, timeout_s: float = 15,
+         max_attempts: int | None = None) -> list[dict[str, Any]]:
     """``steps`` browser steps. Chained: one session (D8), so the steps after the first go to
     the replica that ran the first one (its own stream). Not chained: independent steps, each
     its own session, all taken from the shared stream."""
     actions = ("click", "type", "wait_for")
-    return [{"action": actions[i % 3], "selector": f"#s{i}", "timeout": 15,
+    return [{"action": actions[i % 3], "selector": f"#s{i}", "timeout": timeout_s,
              "params": {"ms": ms, "ledger": ledger},
+             **({"max_attempts": max_attempts} if max_attempts else {}),
              **({"depends_on": [i - 1]} if i and chained else {})} for i in range(steps)]
 
 
@@ -78,13 +87,13 @@ class Probe:
         self.ledger = f"{prefix}:ledger"
         self.namespace = namespace
 
-    async def submit(self, n: int, ms: int, steps: int, tag: str) -> list[str]:
+    async def submit(self, n: int, ms: int, steps: int, tag: str, **kw: Any) -> list[str]:
         from actors.jobs import JobMeta
         from actors.jobstore import body_hash, new_job_id
 
         ids = []
         for i in range(n):
-            todos = plan(self.ledger, ms, steps, chained=i % 2 == 1)
+            todos = plan(self.ledger, ms, steps, chained=i % 2 == 1, **kw)
             meta = JobMeta(job_id=new_job_id(), tenant=TENANT, conversation_id=f"{tag}-{i}",
                            shard=0, todos=todos)
             await self.store.submit(meta, idempotency_key=None, body_digest=body_hash(todos))
@@ -270,7 +279,9 @@ async def phase2(probe: Probe, cluster: Any, replicas: dict[str, Any], survivor:
     dep = next(iter(st.deployments.values()))
     out["serve_after_phase1"] = {"app": str(st.status.value),
                                  "replica_states": dict(dep.replica_states)}
-    jobs = await probe.submit(PHASE2_JOBS, PHASE2_STEP_MS, 2, "nl2")
+    jobs = await probe.submit(PHASE2_JOBS, PHASE2_STEP_MS, 2, "nl2",
+                              timeout_s=PHASE2_STEP_TIMEOUT_S,
+                              max_attempts=PHASE2_MAX_ATTEMPTS)
     t0 = time.monotonic()
     pending: Counter[str] = Counter()
     while time.monotonic() < t0 + 30:
@@ -289,9 +300,11 @@ async def phase2(probe: Probe, cluster: Any, replicas: dict[str, Any], survivor:
     try:
         health: dict[str, Any] = {}
         ended_s, statuses = None, []
-        # Watch for the whole bound (a health reading each second) unless every job ended.
+        # Watch for the whole bound unless every job ended; a health reading each second
+        # during the first PHASE2_HEALTH_S (what an operator sees right after the loss).
         while time.monotonic() < t_remove + PHASE2_BOUND_S:
-            health = await health_report(svc)
+            if not health or time.monotonic() < t_remove + PHASE2_HEALTH_S:
+                health = await health_report(svc)
             statuses = await probe.statuses(jobs)
             if all(s in ("succeeded", "failed", "cancelled") for s in statuses):
                 ended_s = time.monotonic() - t_remove
@@ -310,6 +323,9 @@ async def phase2(probe: Probe, cluster: Any, replicas: dict[str, Any], survivor:
     loaded = [await probe.store.load(TENANT, j) for j in jobs]
     out["phase2_step_statuses"] = dict(Counter(st.status.value for job in loaded
                                                for st in job.steps))
+    out["phase2_step_errors"] = dict(Counter(st.error_kind for job in loaded
+                                             for st in job.steps if st.error_kind))
+    out["phase2_dispatch_deadline_s"] = DEADLINE_S
     pool = health.get("pools", {}).get("browser", {})
     out["health_status"] = health.get("status")
     out["health_pool"] = {k: pool.get(k) for k in ("state", "replicas", "queued")}
@@ -334,7 +350,8 @@ def main() -> int:
         "redis": {"url": redis_url, "key_prefix": prefix},
         "runtime": {"shards": 2, "ray_namespace": namespace},
         "queue": {"visibility_timeout_s": VISIBILITY_S, "heartbeat_interval_s": 0.5,
-                  "reclaim_interval_s": 0.5, "backoff_base_s": 0.05, "backoff_max_s": 0.5},
+                  "reclaim_interval_s": 0.5, "backoff_base_s": 0.05, "backoff_max_s": 0.5,
+                  "dispatch_deadline_s": DEADLINE_S},
     }
     out: dict[str, Any] = {}
     t_start = time.monotonic()
