@@ -137,10 +137,12 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
 
     from actors.executors.base import load_executor
+    from actors.gctune import tune_gc
     from actors.settings import load_settings
     from actors.worker import PoolWorker
 
     settings = load_settings()
+    tune_gc()
     executor = load_executor(args.executor)
     replica = args.replica or f"{args.capability}-agent-{uuid.uuid4().hex[:8]}"
     worker = PoolWorker(args.capability, executor, settings, replica_id=replica,

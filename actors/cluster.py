@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 
+from actors.gctune import tune_gc
 from actors.settings import Settings, load_settings
 from actors.shard import ShardRuntime
 
@@ -24,6 +25,7 @@ class ConversationShard:
 
     def __init__(self, index: int, overrides: dict[str, Any] | None = None) -> None:
         settings = load_settings(**(overrides or {}))
+        tune_gc()
         self.runtime = ShardRuntime(index, settings)
         self.started = time.time()
         self.task = asyncio.get_running_loop().create_task(self.runtime.run())

@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve as ray_serve
 
 from actors.executors.base import load_executor
+from actors.gctune import tune_gc
 from actors.settings import load_settings
 from actors.worker import PoolWorker
 
@@ -43,6 +44,7 @@ class ExecutorPool:
         if path is None:
             raise ValueError(f"pool {capability!r}: no executor configured")
         self.grace_s = grace_s
+        tune_gc()
         self.worker = PoolWorker(capability, load_executor(path, **(executor_args or {})),
                                  load_settings(**(settings or {})),
                                  replica_id=self.replica_id, workers=workers)

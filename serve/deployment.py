@@ -6,6 +6,7 @@ from typing import Any
 
 from ray import serve as ray_serve
 
+from actors.gctune import tune_gc
 from actors.settings import Settings, load_settings
 from serve.app import create_app
 
@@ -38,6 +39,7 @@ class Ingress:
                  ) -> None:
         overrides = settings or {}
         resolved = load_settings(**overrides)
+        tune_gc()
         self.settings = resolved
         if ensure_shards:
             from actors.cluster import ensure_shards as _ensure
