@@ -9,6 +9,7 @@ processes and CPU seconds per 1,000 tasks (Ray processes + redis-server).
     .venv/bin/python loadtests/bench.py --jobs 2000 --clients 32
     .venv/bin/python loadtests/bench.py --latency --jobs 200          # 1 job in flight
     .venv/bin/python loadtests/bench.py --jobs 5000 --batch 50         # POST /schedule/batch
+    .venv/bin/python loadtests/bench.py --ws --jobs 5000 --clients 4   # WS /lam/stream frames
     .venv/bin/python loadtests/bench.py --url http://127.0.0.1:8000 --prefix cpa --jobs 1000
 """
 
@@ -152,7 +153,8 @@ def start_own_system(args: argparse.Namespace) -> Target:
 
     from actors.launcher import deploy_system
 
-    if args.direct:
+    direct = getattr(args, "direct", False)
+    if direct:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=namespace,
@@ -168,7 +170,7 @@ def start_own_system(args: argparse.Namespace) -> Target:
                                 "num_replicas": args.replicas}],
                         ingress_replicas=args.ingress_replicas)
     urls = [url]
-    if args.direct:
+    if direct:
         from actors.launcher import direct_ingress_urls
 
         urls = direct_ingress_urls("cpa") or urls
@@ -209,8 +211,55 @@ class Results:
     errors: dict[str, int] = field(default_factory=dict)
 
 
+async def submit_ws(args: argparse.Namespace, target: Target, res: Results) -> None:
+    """--ws: the jobs as LAM requests (payload.todos) over ``--clients`` WebSocket
+    connections to /lam/stream, ``--batch`` messages per frame (default 50)."""
+    import aiohttp
+
+    todos = diamond(args.step)
+    per_frame = args.batch or 50
+    pending = [{"id": str(uuid.uuid4()), "ts": "2026-11-30T00:00:00Z", "type": "request",
+                "sender": "agent://channel/bench", "to": ["agent://scheduler/cpa"],
+                "task": "bench", "payload": {"todos": todos}, "context": {"tenant": TENANT},
+                "correlation": {"conversationId": f"bench-{uuid.uuid4().hex}"}}
+               for _ in range(args.jobs)]
+    bases = target.urls or [target.url]
+    timeout = aiohttp.ClientTimeout(total=None)
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def worker(base: str) -> None:
+            url = base.replace("http", "ws", 1) + "/lam/stream"
+            async with session.ws_connect(url, headers={"X-API-Key": API_KEY},
+                                          max_msg_size=0) as ws:
+                while pending:
+                    frame = [pending.pop() for _ in range(min(per_frame, len(pending)))]
+                    t0 = time.time()
+                    await ws.send_str(json.dumps(frame))
+                    results = json.loads((await ws.receive(timeout=60)).data)
+                    res.accept_ms.append((time.time() - t0) * 1000)
+                    wait_s = 0.0
+                    for msg, result in zip(frame, results, strict=True):
+                        code = result["code"]
+                        if code in (200, 202):
+                            res.submitted.setdefault(result["job_id"], t0)
+                            continue
+                        res.errors[str(code)] = res.errors.get(str(code), 0) + 1
+                        if code in (429, 503):  # again later (the same id: no duplicate)
+                            pending.append(msg)
+                            wait_s = max(wait_s, float(result.get("retry_after_s", 1)))
+                    if wait_s:
+                        await asyncio.sleep(wait_s)
+
+        await asyncio.gather(*(worker(bases[i % len(bases)]) for i in range(args.clients)))
+
+
 async def submit_all(args: argparse.Namespace, target: Target, res: Results) -> None:
     import aiohttp  # lighter than httpx: the load generator shares the 2 cores
+
+    if args.ws:
+        await submit_ws(args, target, res)
+        return
 
     todos = diamond(args.step)
     remaining = args.jobs
@@ -370,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=1, help="noop executor replicas")
     parser.add_argument("--workers", type=int, default=64, help="concurrent steps per replica")
     parser.add_argument("--ingress-replicas", type=int, default=1)
+    parser.add_argument("--ws", action="store_true",
+                        help="submit LAM requests over --clients WebSockets to /lam/stream, "
+                             "--batch messages per frame (default 50)")
     parser.add_argument("--direct", action="store_true",
                         help="Serve direct ingress: clients talk to the ingress replica's own "
                              "HTTP port (no proxy hop)")
