@@ -107,6 +107,9 @@ class Launcher:
 
         rt = self.settings.runtime
         os.environ.update({k: v for k, v in _env().items() if k.startswith("RAY_")})
+        if self.settings.http.direct_ingress:
+            # Read by every Ray process this head starts (Serve replicas included).
+            os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
         if rt.ray_address:
             ray.init(address=rt.ray_address, namespace=rt.ray_namespace, log_to_driver=False)
             return
@@ -154,8 +157,14 @@ class Launcher:
         wait_healthy(base, {"noop": 1}, within_s)
         self.state["api"] = base
         rt = self.settings.runtime
-        return {"api": base, "docs": f"{base}/docs", "health": f"{base}/health",
+        urls = {"api": base, "docs": f"{base}/docs", "health": f"{base}/health",
                 "dashboard": f"http://{rt.dashboard_host}:{rt.dashboard_port}"}
+        bind = http.get("host", "127.0.0.1")
+        direct = direct_ingress_urls("cpa", host=None if bind in ("0.0.0.0", "::") else bind)
+        if direct:
+            urls["direct"] = ", ".join(direct) + "  (same API, no proxy hop)"
+            self.state["api_direct"] = direct
+        return urls
 
     # ------------------------------------------------------------------- down
 
