@@ -110,6 +110,9 @@ class Launcher:
         if self.settings.http.direct_ingress:
             # Read by every Ray process this head starts (Serve replicas included).
             os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+            # A replica being removed stays open this long so a load balancer can
+            # deregister it (Serve's default: 30 s); locally there is none in front.
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
         if rt.ray_address:
             ray.init(address=rt.ray_address, namespace=rt.ray_namespace, log_to_driver=False)
             return

@@ -156,6 +156,7 @@ def start_own_system(args: argparse.Namespace) -> Target:
     direct = getattr(args, "direct", False)
     if direct:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=namespace,
              log_to_driver=False, configure_logging=False)

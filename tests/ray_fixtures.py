@@ -32,6 +32,11 @@ GLOBEX = {"X-API-Key": "globex-dev-key"}
 def ray_session() -> Iterator[str]:
     """A private local Ray (never someone else's cluster; GCS never on 6379)."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # As `cpa up` runs it: each ingress replica also answers on its own port (tests use the
+    # proxy URL unless they ask for the direct one).
+    os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+    # No load balancer to deregister from: don't hold deleted replicas open for 30 s.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     import ray
 
     namespace = f"cpa-test-{uuid.uuid4().hex[:6]}"

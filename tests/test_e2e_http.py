@@ -305,3 +305,27 @@ def test_lam_request_with_explicit_plan_or_named_intent(system: System) -> None:
         assert "recipient" in r.json()["reason"]
         r = c.post("/lam/message", json=bad)
         assert r.status_code == 422 and r.json()["field"] == "payload.todos[0].action"
+
+
+def test_direct_ingress_serves_the_same_api(system: System) -> None:
+    """Serve's direct ingress (the replica's own port, no proxy hop): same jobs, same
+    errors, same WebSocket as through the proxy."""
+    from websockets.sync.client import connect as ws_connect
+
+    from actors.launcher import direct_ingress_urls
+
+    urls = direct_ingress_urls(f"cpa-{system.prefix}")
+    assert urls, "direct ingress is on for the test cluster: the ingress has targets"
+    with httpx.Client(base_url=urls[0], headers=ACME, timeout=30) as c:
+        r = c.post("/schedule", json={"todos": DIAMOND})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        bad = c.post("/schedule", json={"todos": [{"action": "noop", "depends_on": [3]}]})
+        assert bad.status_code == 422 and bad.json()["field"] == "todos[0].depends_on[0]"
+        assert c.get(f"/jobs/{job_id}", headers=GLOBEX).status_code == 404
+    done = system.wait_job(job_id)  # through the proxy: one system behind both
+    assert done["status"] == "succeeded"
+    ws_url = urls[0].replace("http://", "ws://") + f"/ws/jobs/{job_id}"
+    with ws_connect(ws_url, additional_headers=ACME, open_timeout=10) as ws:
+        first = json.loads(ws.recv(timeout=10))
+    assert first["type"] == "snapshot" and first["job"]["status"] == "succeeded"
