@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from actors.errors import IdempotencyMismatch, InternalError, NotFound
+from actors.errors import CpaError, IdempotencyMismatch, InternalError, NotFound
 from actors.jobs import Job, JobMeta, JobStatus, StepState
 from actors.keys import Keys
 from actors.redisconn import redis_errors
@@ -122,9 +122,7 @@ class JobStore:
             return Accepted(meta.job_id, meta.conversation_id, True, JobStatus.QUEUED.value)
         if int(code) == 2:
             raise InternalError(f"job id {meta.job_id} already exists; job ids must be fresh")
-        original_id, _, original_hash = value.partition("|")
-        if original_hash != body_digest:
-            raise IdempotencyMismatch(idempotency_key or "", original_id)
+        original_id = _original_job(value, idempotency_key, body_digest)
         summary = await self.summary(meta.tenant, original_id)
         conv = summary["conversation_id"] if summary else meta.conversation_id
         status = summary["status"] if summary else JobStatus.QUEUED.value
@@ -170,6 +168,54 @@ class JobStore:
                 raise InternalError(f"job id {meta.job_id} already exists")
             out.append(Accepted(meta.job_id, meta.conversation_id, True,
                                 JobStatus.QUEUED.value))
+        return out
+
+    @property
+    def intake_script(self) -> tuple[str, str]:
+        """(SHA1, source) of the intake script, for callers that pipeline raw EVALSHAs."""
+        return str(self._intake.sha), _INTAKE_LUA
+
+    def intake_command(self, meta: JobMeta, idempotency_key: str | None, body_digest: str
+                       ) -> tuple[Any, ...]:
+        """The EVALSHA command of one job's intake, for the caller's own pipeline (several
+        jobs, each with its own idempotency key, in one round trip; each atomic). Turn the
+        replies into results with :meth:`intake_outcomes`."""
+        keys, args = self._intake_call(meta, idempotency_key, body_digest)
+        return ("EVALSHA", self._intake.sha, len(keys), *keys, *args)
+
+    async def intake_outcomes(self, items: list[tuple[JobMeta, str | None, str, Any]]
+                              ) -> list[Accepted | CpaError]:
+        """(meta, idempotency key, body digest, intake reply) → Accepted, or the error of
+        that job (IdempotencyMismatch, InternalError). Repeats of a key cost one more round
+        trip for all of them together (the original jobs' summaries)."""
+        out: list[Accepted | CpaError] = []
+        repeats: list[tuple[int, str]] = []
+        for meta, key, digest, (code, raw) in items:
+            value = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if int(code) == 1:
+                out.append(Accepted(meta.job_id, meta.conversation_id, True,
+                                    JobStatus.QUEUED.value))
+            elif int(code) == 2:
+                out.append(InternalError(f"job id {meta.job_id} already exists"))
+            else:
+                try:
+                    repeats.append((len(out), _original_job(value, key, digest)))
+                    out.append(InternalError("unresolved repeat"))
+                except IdempotencyMismatch as exc:
+                    out.append(exc)
+        if repeats:
+            pipe = self.redis.pipeline(transaction=False)
+            for index, original in repeats:
+                pipe.hmget(self.keys.job(items[index][0].tenant, original),
+                           list(SUMMARY_FIELDS))
+            with redis_errors("idempotent repeats"):
+                rows = await pipe.execute()
+            for (index, original), row in zip(repeats, rows, strict=True):
+                meta = items[index][0]
+                summary = _summary(original, row)
+                out[index] = Accepted(
+                    original, summary["conversation_id"] if summary else meta.conversation_id,
+                    False, summary["status"] if summary else JobStatus.QUEUED.value)
         return out
 
     async def load(self, tenant: str, job_id: str) -> Job:
@@ -225,6 +271,15 @@ class JobStore:
         with redis_errors("control append"):
             await self.redis.xadd(self.keys.shard_inbox(shard), fields,  # type: ignore[arg-type]
                                   maxlen=self.inbox_maxlen, approximate=True)
+
+
+def _original_job(value: str, idempotency_key: str | None, body_digest: str) -> str:
+    """The job an idempotency key already names (``id|hash``); a different body is an
+    IdempotencyMismatch."""
+    original_id, _, original_hash = value.partition("|")
+    if original_hash != body_digest:
+        raise IdempotencyMismatch(idempotency_key or "", original_id)
+    return original_id
 
 
 def _idem_component(key: str) -> str:
