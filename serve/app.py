@@ -3,7 +3,9 @@ tests and a Ray-less dev mode, under any ASGI server.
 
 Every accepted request is durably appended to Redis before its 202. Bad input is a 4xx
 naming the field, the value and the rule; a dependency that is down is a 503 with
-Retry-After; nothing here answers 5xx for a client's mistake.
+Retry-After; nothing here answers 5xx for a client's mistake. The Redis work of one request
+has a time budget (``http.redis_budget_s``, :class:`serve.services.RedisBudget`): a hung
+Redis is answered 503 within it, not after socket timeouts. Live WebSocket updates are exempt.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -28,6 +32,7 @@ from actors import lam
 from actors.errors import (
     CpaError,
     DependencyUnavailable,
+    InternalError,
     NoIntent,
     NotFound,
     Overloaded,
@@ -45,9 +50,10 @@ from actors.redisconn import ping
 from actors.settings import ApiKey, Settings
 from serve.health import health_report
 from serve.schemas import ScheduleRequest
-from serve.services import Services
+from serve.services import RedisBudget, Services
 
 HTTP_CHANNEL_AGENT = "agent://channel/http"
+log = logging.getLogger(__name__)
 
 
 class _Guard:
@@ -86,6 +92,36 @@ class _Guard:
             await response(scope, receive, send)
         route = scope.get("route")
         self.counter.labels(getattr(route, "path", "other"), str(state["status"])).inc()
+
+
+@dataclass(slots=True)
+class _LamOp:
+    """One validated LAM message of /lam/message or /lam/stream, ready for Redis: a job to
+    create (``meta``), a refused request (``refuse``), or another performative to check
+    against its conversation (``check``) and append to the shard inbox."""
+
+    msg: lam.LamMessage
+    meta: JobMeta | None = None
+    digest: str = ""
+    intent: str | None = None
+    slots: dict[str, Any] = field(default_factory=dict)
+    refuse: str | None = None
+    check: bool = False
+
+
+def _as_error(exc: BaseException) -> CpaError:
+    """Any failure of one message as the error its result carries."""
+    if isinstance(exc, CpaError):
+        return exc
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+        return DependencyUnavailable("redis", f"{type(exc).__name__}: {exc}")
+    log.exception("unexpected error handling a LAM message", exc_info=exc)
+    return InternalError(f"internal error ({type(exc).__name__})")
+
+
+def _result(exc: CpaError) -> dict[str, Any]:
+    """The body /lam/message answers for an error, plus ``code`` (its HTTP status)."""
+    return {**exc.to_dict(), "code": exc.status_code}
 
 
 def create_app(settings: Settings | None = None,
@@ -158,7 +194,8 @@ def create_app(settings: Settings | None = None,
 
     # ------------------------------------------------------------------- intake
 
-    async def read_json(request: Request, svc: Services, limit: int | None = None) -> Any:
+    async def read_json(request: Request, svc: Services, limit: int | None = None,
+                        check: bool = True) -> Any:
         ctype = request.headers.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
@@ -178,7 +215,8 @@ def create_app(settings: Settings | None = None,
                                       f"the body must be at most {limit} bytes", quote=False)
             chunks.append(chunk)
         doc = lam.parse_json(b"".join(chunks), max_bytes=limit)
-        lam.check_limits(doc, svc.settings.lam)
+        if check:
+            lam.check_limits(doc, svc.settings.lam)
         return doc
 
     def idempotency_key(request: Request) -> str | None:
@@ -187,14 +225,17 @@ def create_app(settings: Settings | None = None,
             raise ValidationFailed("Idempotency-Key", key, "must be 1..256 characters")
         return key
 
-    async def admit(svc: Services, key: ApiKey) -> None:
+    async def admit(svc: Services, key: ApiKey, budget: RedisBudget) -> None:
         """Per-tenant rate limit (429), then backpressure (503) while too much work waits."""
         wait_s = svc.take_token(key.tenant)
         if wait_s > 0:
             raise RateLimited(f"tenant {key.tenant} is over its rate of "
                               f"{svc.settings.http.tenant_rate_per_s:g} requests/s",
                               retry_after_s=max(1.0, wait_s))
-        backlog = await svc.backlog()
+        backlog = svc.cached_backlog()
+        if backlog is None:
+            async with budget:
+                backlog = await svc.backlog()
         if backlog > svc.settings.http.max_backlog:
             raise Overloaded(
                 f"{backlog} events and steps are waiting (limit "
@@ -278,13 +319,18 @@ def create_app(settings: Settings | None = None,
     async def schedule(request: Request) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        await admit(svc, key)
+        budget = svc.budget()
+        await admit(svc, key, budget)
         doc = await read_json(request, svc)
         meta, info = await plan_job(svc, key, doc)
         if meta is None:
             return JSONResponse(info, status_code=200)
-        accepted = await svc.store.submit(meta, idempotency_key=idempotency_key(request),
-                                          body_digest=body_hash(doc))
+        idem = idempotency_key(request)
+        digest = body_hash(doc)
+        async with budget:
+            # Out of budget after the script ran: the job exists and the client hears 503;
+            # its retry (same Idempotency-Key and body) is answered with that job.
+            accepted = await svc.store.submit(meta, idempotency_key=idem, body_digest=digest)
         if accepted.created:
             accepted_total.labels(key.tenant).inc()
         return JSONResponse({"job_id": accepted.job_id,
@@ -298,7 +344,8 @@ def create_app(settings: Settings | None = None,
         any is written; each job is then accepted atomically, in order."""
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        await admit(svc, key)
+        budget = svc.budget()
+        await admit(svc, key, budget)
         doc = await read_json(request, svc)
         limit = svc.settings.http.max_batch_jobs
         if not isinstance(doc, dict) or set(doc) != {"jobs"}:
@@ -317,7 +364,8 @@ def create_app(settings: Settings | None = None,
             meta, _ = await plan_job(svc, key, item, field=f"jobs[{i}].")
             assert meta is not None
             metas.append(meta)
-        accepted = await svc.store.submit_many(metas)
+        async with budget:
+            accepted = await svc.store.submit_many(metas)
         accepted_total.labels(key.tenant).inc(len(accepted))
         return JSONResponse({"jobs": [{"job_id": a.job_id, "conversation_id": a.conversation_id,
                                        "status": a.status} for a in accepted]},
@@ -327,51 +375,36 @@ def create_app(settings: Settings | None = None,
     async def lam_message(request: Request) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        await admit(svc, key)
-        doc = await read_json(request, svc, svc.settings.lam.max_message_bytes)
+        budget = svc.budget()
+        await admit(svc, key, budget)
+        # lam.validate checks the document's limits (depth, strings, keys): not twice.
+        doc = await read_json(request, svc, svc.settings.lam.max_message_bytes, check=False)
+        (outcome,) = await commit_lam(svc, key, [await prepare_lam(svc, key, doc)], budget)
+        if isinstance(outcome, CpaError):
+            raise outcome
+        code, body = outcome
+        return JSONResponse(body, status_code=code)
+
+    async def prepare_lam(svc: Services, key: ApiKey, doc: Any) -> _LamOp:
+        """Everything /lam/message does before Redis: validation, the tenant, routing or the
+        explicit plan, the job to create. Raises the caller's error."""
         msg = lam.validate(doc, svc.settings.lam)
         if msg.context.tenant != key.tenant:
             raise ValidationFailed("context.tenant", msg.context.tenant,
                                    f"must be the tenant of your API key ({key.tenant})")
-        conv = msg.correlation.conversation_id
-        if isinstance(msg, lam.Request):
-            return await _lam_request(svc, key, msg, doc)
-        # Any other performative joins an existing conversation: check the protocol now so
-        # the channel hears about a mistake; the orchestrator checks again, authoritatively.
-        fields = await svc.redis.hgetall(svc.keys.conversation(key.tenant, conv))
-        lam.Conversation.from_fields(conv, fields).check(msg)
-        accepted = await _append_lam(svc, key.tenant, msg)
-        return JSONResponse({"message_id": str(msg.id), "conversation_id": conv,
-                             "status": "accepted" if accepted else "duplicate"},
-                            status_code=202 if accepted else 200)
-
-    async def _append_lam(svc: Services, tenant: str, msg: lam.LamMessage,
-                          refuse: str | None = None) -> bool:
-        from actors.jobstore import shard_for
-
-        conv = msg.correlation.conversation_id
-        seen = await svc.redis.set(svc.keys.idempotency(tenant, f"lam-{msg.id}"), "1",
-                                   nx=True, ex=svc.settings.queue.idempotency_ttl_s)
-        if not seen:
-            return False
-        fields = {"k": "lam", "t": tenant, "c": conv, "d": msg.encode().decode()}
-        if refuse:
-            fields["refuse"] = refuse
-        shard = shard_for(tenant, conv, svc.settings.runtime.shard_count())
-        await svc.redis.xadd(svc.keys.shard_inbox(shard), fields)  # type: ignore[arg-type]
-        return True
-
-    async def _lam_request(svc: Services, key: ApiKey, msg: lam.Request,
-                           doc: dict[str, Any]) -> JSONResponse:
-        conv = msg.correlation.conversation_id
+        if not isinstance(msg, lam.Request):
+            # Any other performative joins an existing conversation: checked against the
+            # protocol before it is appended (commit_lam), so the channel hears about a
+            # mistake; the orchestrator checks again, authoritatively.
+            return _LamOp(msg, check=True)
         text = msg.task or ""
         payload = msg.payload
         explicit = payload.get("todos")
         if explicit is not None:
             # An explicit plan in the payload: validated like /schedule's todos.
             graph = build_graph(explicit, limits=svc.settings.graph, field="payload.todos")
-            return await _lam_job(svc, key, msg, doc, graph.to_json(), intent=msg.intent,
-                                  slots={}, source="explicit")
+            return lam_job(key, msg, doc, graph.to_json(), intent=msg.intent, slots={},
+                           source="explicit")
         result = None
         slots = payload.get("slots")
         if msg.intent and msg.intent in svc.router.catalogue:
@@ -387,17 +420,15 @@ def create_app(settings: Settings | None = None,
             result = await svc.router.route(text, locale=msg.context.locale)
         if result is None or not result.complete:
             reason = result.reason if result else "the request has no task text to route"
-            await _append_lam(svc, key.tenant, msg, refuse=reason)
-            return JSONResponse({"message_id": str(msg.id), "conversation_id": conv,
-                                 "status": "refused", "reason": reason}, status_code=200)
+            return _LamOp(msg, refuse=reason)
         todos = [t.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
                  for t in result.plan]
-        return await _lam_job(svc, key, msg, doc, todos, intent=result.intent,
-                              slots=dict(result.slots), source=result.source)
+        return lam_job(key, msg, doc, todos, intent=result.intent, slots=dict(result.slots),
+                       source=result.source)
 
-    async def _lam_job(svc: Services, key: ApiKey, msg: lam.Request, doc: dict[str, Any],
-                       todos: list[dict[str, Any]], *, intent: str | None,
-                       slots: dict[str, Any], source: str) -> JSONResponse:
+    def lam_job(key: ApiKey, msg: lam.Request, doc: dict[str, Any],
+                todos: list[dict[str, Any]], *, intent: str | None, slots: dict[str, Any],
+                source: str) -> _LamOp:
         conv = msg.correlation.conversation_id
         payload = msg.payload
         priority = payload.get("priority", "normal")
@@ -412,12 +443,176 @@ def create_app(settings: Settings | None = None,
                        todos=todos, priority=priority, request=msg.wire(),
                        callback_url=callback, intent=intent, slots=slots, source=source,
                        text=msg.task)
-        accepted = await svc.store.submit(meta, idempotency_key=f"lam:{msg.id}",
-                                          body_digest=body_hash(doc))
-        return JSONResponse({"job_id": accepted.job_id, "message_id": str(msg.id),
-                             "conversation_id": accepted.conversation_id,
-                             "status": accepted.status, "intent": intent, "slots": slots},
-                            status_code=202 if accepted.created else 200)
+        return _LamOp(msg, meta=meta, digest=body_hash(doc), intent=intent, slots=slots)
+
+    async def commit_lam(svc: Services, key: ApiKey, ops: list[_LamOp | CpaError],
+                         budget: RedisBudget) -> list[tuple[int, dict[str, Any]] | CpaError]:
+        """The Redis part of /lam/message for many messages at once: the protocol checks'
+        conversation reads in one round trip (only when there are such messages), then every
+        job intake and inbox append in one round trip (each atomic), then — only for repeated
+        request ids — the original jobs' summaries. Returns (HTTP status, body) or the error
+        per message, in order. Errors given in ``ops`` pass through."""
+        out: list[Any] = list(ops)  # an op is replaced by its outcome
+        try:
+            checks = [i for i, op in enumerate(ops) if isinstance(op, _LamOp) and op.check]
+            if checks:
+                async with budget:
+                    rows = await conversation_fields(svc, key.tenant, [
+                        op.msg.correlation.conversation_id for op in ops
+                        if isinstance(op, _LamOp) and op.check])
+                for i, fields in zip(checks, rows, strict=True):
+                    op = ops[i]
+                    assert isinstance(op, _LamOp)
+                    try:
+                        conv = op.msg.correlation.conversation_id
+                        lam.Conversation.from_fields(conv, fields).check(op.msg)
+                    except CpaError as exc:
+                        out[i] = exc
+            todo = [i for i, op in enumerate(ops) if isinstance(op, _LamOp)
+                    and not isinstance(out[i], CpaError)]
+            commands = []
+            for i in todo:
+                op = ops[i]
+                assert isinstance(op, _LamOp)
+                msg = op.msg
+                if op.meta is not None:
+                    commands.append(svc.store.intake_command(op.meta, f"lam:{msg.id}",
+                                                             op.digest))
+                else:
+                    commands.append(svc.lam_append_command(
+                        key.tenant, msg.correlation.conversation_id, str(msg.id),
+                        msg.encode().decode(), refuse=op.refuse))
+            async with budget:
+                replies = await svc.run_scripts(commands)
+            intakes: list[tuple[int, tuple[JobMeta, str | None, str, Any]]] = []
+            for i, reply in zip(todo, replies, strict=True):
+                op = ops[i]
+                assert isinstance(op, _LamOp)
+                msg, conv = op.msg, op.msg.correlation.conversation_id
+                if isinstance(reply, Exception):
+                    out[i] = _as_error(reply)
+                elif op.meta is not None:
+                    intakes.append((i, (op.meta, f"lam:{msg.id}", op.digest, reply)))
+                elif op.refuse is not None:
+                    out[i] = (200, {"message_id": str(msg.id), "conversation_id": conv,
+                                    "status": "refused", "reason": op.refuse})
+                else:
+                    appended = int(reply) == 1
+                    out[i] = (202 if appended else 200, {
+                        "message_id": str(msg.id), "conversation_id": conv,
+                        "status": "accepted" if appended else "duplicate"})
+            if intakes:
+                async with budget:
+                    outcomes = await svc.store.intake_outcomes([item for _, item in intakes])
+                created = 0
+                for (i, _), accepted in zip(intakes, outcomes, strict=True):
+                    op = ops[i]
+                    assert isinstance(op, _LamOp)
+                    if isinstance(accepted, CpaError):
+                        out[i] = accepted
+                        continue
+                    body: dict[str, Any] = {
+                        "job_id": accepted.job_id, "message_id": str(op.msg.id),
+                            "conversation_id": accepted.conversation_id,
+                            "status": accepted.status, "intent": op.intent, "slots": op.slots}
+                    if accepted.created:
+                        created += 1
+                    else:
+                        body["duplicate"] = True
+                    out[i] = (202 if accepted.created else 200, body)
+                if created:
+                    accepted_total.labels(key.tenant).inc(created)
+        except Exception as exc:  # Redis gone or out of budget: every pending message
+            error = _as_error(exc)
+            out = [error if isinstance(o, _LamOp) else o for o in out]
+        return out
+
+    async def conversation_fields(svc: Services, tenant: str, convs: list[str]
+                                  ) -> list[Any]:
+        if len(convs) == 1:
+            return [await svc.redis.hgetall(svc.keys.conversation(tenant, convs[0]))]
+        pipe = svc.redis.pipeline(transaction=False)
+        for conv in convs:
+            pipe.hgetall(svc.keys.conversation(tenant, conv))
+        return list(await pipe.execute())
+
+    @app.websocket("/lam/stream")
+    async def lam_stream(ws: WebSocket) -> None:
+        """High-volume channels: each text frame is one LAM message or a JSON array of up to
+        ``http.max_batch_jobs``; each frame is answered with one frame, a JSON array of what
+        /lam/message would have answered per message (plus ``code``, its HTTP status)."""
+        svc = await services(ws)
+        api_key = ws.headers.get("x-api-key") or ws.query_params.get("api_key")
+        record = svc.settings.tenant_for_key(api_key or "")
+        await ws.accept()  # then close with a code the client sees (not a bare 403)
+        if record is None:
+            await ws.close(code=1008, reason="missing or unknown API key")
+            return
+        svc.ws_clients += 1
+        try:
+            while True:
+                frame = await ws.receive()
+                if frame["type"] == "websocket.disconnect":
+                    break
+                raw = frame.get("text")
+                if raw is None:
+                    raw = frame.get("bytes") or b""
+                results = await stream_frame(svc, record, raw)
+                await ws.send_text(json.dumps(results, separators=(",", ":"),
+                                              ensure_ascii=False))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            svc.ws_clients -= 1
+
+    async def stream_frame(svc: Services, key: ApiKey, raw: str | bytes
+                           ) -> list[dict[str, Any]]:
+        """One /lam/stream frame → one result per message (never raises)."""
+        http, limits = svc.settings.http, svc.settings.lam
+        try:
+            doc = lam.parse_json(raw, max_bytes=http.max_body_bytes, field="<frame>")
+            if isinstance(doc, dict):
+                docs: list[Any] = [doc]
+            elif isinstance(doc, list) and 1 <= len(doc) <= http.max_batch_jobs:
+                docs = doc
+            else:
+                shape = (f"<array of {len(doc)}>" if isinstance(doc, list)
+                         else f"<{type(doc).__name__}>")
+                raise ValidationFailed("<frame>", shape, "a frame is one LAM message (a JSON "
+                                       f"object) or a JSON array of 1..{http.max_batch_jobs}",
+                                       quote=False)
+        except CpaError as exc:
+            return [_result(exc)]
+        # A message must fit lam.max_message_bytes as on /lam/message; only a frame larger
+        # than that can hold one that does not, so only then are messages measured.
+        measure = len(raw) > limits.max_message_bytes
+        budget = svc.budget()
+        ops: list[_LamOp | CpaError] = []
+        for item in docs:
+            try:
+                await admit(svc, key, budget)
+                if measure:
+                    size = len(raw) if len(docs) == 1 else len(json.dumps(item).encode())
+                    if size > limits.max_message_bytes:
+                        raise PayloadTooLarge("<message>", f"<{size} bytes>", "a message must "
+                                              f"be at most {limits.max_message_bytes} bytes",
+                                              quote=False)
+                ops.append(await prepare_lam(svc, key, item))
+            except Exception as exc:
+                ops.append(_as_error(exc))
+        outcomes = await commit_lam(svc, key, ops, budget)
+        results = []
+        for item, outcome in zip(docs, outcomes, strict=True):
+            if isinstance(outcome, CpaError):
+                result = _result(outcome)
+                mid = item.get("id") if isinstance(item, dict) else None
+                if isinstance(mid, str) and len(mid) <= 128:
+                    result["message_id"] = mid
+            else:
+                code, result = outcome
+                result["code"] = code
+            results.append(result)
+        return results
 
     # -------------------------------------------------------------------- jobs
 
@@ -433,8 +628,9 @@ def create_app(settings: Settings | None = None,
             raise ValidationFailed("limit", limit, "must be between 1 and 500")
         if offset < 0:
             raise ValidationFailed("offset", offset, "must be >= 0")
-        jobs, total = await svc.store.list(key.tenant, status=status, offset=offset,
-                                           limit=limit)
+        async with svc.budget():
+            jobs, total = await svc.store.list(key.tenant, status=status, offset=offset,
+                                               limit=limit)
         nxt = offset + len(jobs) if offset + len(jobs) < total else None
         return {"jobs": jobs, "total": total, "offset": offset, "limit": limit,
                 "next_offset": nxt}
@@ -449,31 +645,34 @@ def create_app(settings: Settings | None = None,
     async def get_job(request: Request, job_id: str) -> dict[str, Any]:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        job = await svc.store.load(key.tenant, job_id)
+        async with svc.budget():
+            job = await svc.store.load(key.tenant, job_id)
         return job.public()
 
     @app.delete("/jobs/{job_id}", status_code=202)
     async def cancel_job(request: Request, job_id: str) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        summary = await job_summary(svc, key, job_id)
-        if JobStatus(summary["status"]).terminal:
-            return JSONResponse({"job_id": job_id, "status": summary["status"],
-                                 "message": "job already finished"}, status_code=200)
-        await svc.store.send_control(key.tenant, job_id, "cancel")
+        async with svc.budget():
+            summary = await job_summary(svc, key, job_id)
+            if JobStatus(summary["status"]).terminal:
+                return JSONResponse({"job_id": job_id, "status": summary["status"],
+                                     "message": "job already finished"}, status_code=200)
+            await svc.store.send_control(key.tenant, job_id, "cancel")
         return JSONResponse({"job_id": job_id, "status": "cancelling"}, status_code=202)
 
     @app.post("/jobs/{job_id}/retry", status_code=202)
     async def retry_job(request: Request, job_id: str) -> JSONResponse:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        summary = await job_summary(svc, key, job_id)
-        if summary["status"] not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
-            from actors.errors import Conflict
+        async with svc.budget():
+            summary = await job_summary(svc, key, job_id)
+            if summary["status"] not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+                from actors.errors import Conflict
 
-            raise Conflict(f"job {job_id} is {summary['status']}; only failed or cancelled "
-                           "jobs can be retried")
-        await svc.store.send_control(key.tenant, job_id, "retry")
+                raise Conflict(f"job {job_id} is {summary['status']}; only failed or "
+                               "cancelled jobs can be retried")
+            await svc.store.send_control(key.tenant, job_id, "retry")
         return JSONResponse({"job_id": job_id, "status": "retrying"}, status_code=202)
 
     @app.get("/conversations/{conversation_id}/messages")
@@ -484,8 +683,9 @@ def create_app(settings: Settings | None = None,
         if not 1 <= limit <= 1000:
             raise ValidationFailed("limit", limit, "must be between 1 and 1000")
         start = "-" if after == "-" else f"({after}"
-        entries: Any = await svc.redis.xrange(svc.keys.outbox(key.tenant, conversation_id),
-                                              min=start, count=limit)
+        async with svc.budget():
+            entries: Any = await svc.redis.xrange(
+                svc.keys.outbox(key.tenant, conversation_id), min=start, count=limit)
         return {"messages": [{"id": eid, "message": json.loads(f["m"])}
                              for eid, f in entries]}
 
@@ -537,7 +737,11 @@ def create_app(settings: Settings | None = None,
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         svc = await services(request)
-        report = await health_report(svc)
+        try:
+            async with svc.budget():
+                report = await health_report(svc)
+        except DependencyUnavailable as exc:
+            report = {"status": "down", "redis": {"ok": False, "error": exc.message}}
         return JSONResponse(report, status_code=200 if report["status"] != "down" else 503)
 
     @app.get("/metrics")
@@ -546,14 +750,17 @@ def create_app(settings: Settings | None = None,
         from serve.health import queue_metrics
 
         text = generate_latest(request.app.state.registry)
-        text += await queue_metrics(svc)
+        async with svc.budget():
+            text += await queue_metrics(svc)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/dlq")
     async def dead_letters(request: Request, limit: int = 100) -> dict[str, Any]:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        entries = await svc.queue.list_dead(tenant=key.tenant, count=min(max(limit, 1), 1000))
+        async with svc.budget():
+            entries = await svc.queue.list_dead(tenant=key.tenant,
+                                                count=min(max(limit, 1), 1000))
         return {"entries": [{"id": e.entry_id, "stream": e.stream, "reason": e.reason,
                              "deliveries": e.deliveries, "ts": e.ts,
                              "job_id": e.fields.get("job"), "step": e.fields.get("step")}
@@ -563,31 +770,32 @@ def create_app(settings: Settings | None = None,
     async def replay(request: Request, entry_id: str) -> dict[str, Any]:
         svc = await services(request)
         key = tenant_of(svc, request.headers.get("x-api-key"))
-        entries = await svc.queue.list_dead(tenant=key.tenant, count=10_000)
-        entry = next((e for e in entries if e.entry_id == entry_id), None)
-        if entry is None:
-            raise NotFound(f"dead-letter entry {entry_id!r} not found")
-        job_id = entry.fields.get("job")
-        if job_id:
-            # A step of a job: the job failed because of it, so replay = retry the job's
-            # failed steps (its orchestrator re-dispatches them with a fresh attempt).
-            summary = await svc.store.summary(key.tenant, job_id)
-            if summary is not None and summary["status"] in ("failed", "cancelled"):
-                await svc.store.send_control(key.tenant, job_id, "retry")
-                await svc.queue.purge_dead(entry_id)
-                return {"id": entry_id, "replayed_as": "job_retry", "job_id": job_id}
-            if summary is not None:
-                await svc.queue.purge_dead(entry_id)
-                return {"id": entry_id, "replayed_as": "nothing", "job_id": job_id,
-                        "status": summary["status"]}
-        new_id = await svc.queue.replay_dead(entry_id)
-        return {"id": entry_id, "replayed_as": new_id}
+        async with svc.budget():
+            entries = await svc.queue.list_dead(tenant=key.tenant, count=10_000)
+            entry = next((e for e in entries if e.entry_id == entry_id), None)
+            if entry is None:
+                raise NotFound(f"dead-letter entry {entry_id!r} not found")
+            job_id = entry.fields.get("job")
+            if job_id:
+                # A step of a job: the job failed because of it, so replay = retry the job's
+                # failed steps (its orchestrator re-dispatches them with a fresh attempt).
+                summary = await svc.store.summary(key.tenant, job_id)
+                if summary is not None and summary["status"] in ("failed", "cancelled"):
+                    await svc.store.send_control(key.tenant, job_id, "retry")
+                    await svc.queue.purge_dead(entry_id)
+                    return {"id": entry_id, "replayed_as": "job_retry", "job_id": job_id}
+                if summary is not None:
+                    await svc.queue.purge_dead(entry_id)
+                    return {"id": entry_id, "replayed_as": "nothing", "job_id": job_id,
+                            "status": summary["status"]}
+            new_id = await svc.queue.replay_dead(entry_id)
+            return {"id": entry_id, "replayed_as": new_id}
 
     @app.get("/")
     async def index() -> dict[str, Any]:
         return {"service": "cpa-scheduler", "time": time.time(),
-                "endpoints": ["/schedule", "/lam/message", "/jobs", "/health", "/metrics",
-                              "/ws/jobs/{id}", "/docs"]}
+                "endpoints": ["/schedule", "/schedule/batch", "/lam/message", "/lam/stream",
+                              "/jobs", "/health", "/metrics", "/ws/jobs/{id}", "/docs"]}
 
     _ = ping  # health uses it through serve.health
     return app
