@@ -46,8 +46,8 @@ clean:
 
 ## Run the fast fault-injection scenarios and refresh their rows of docs/reliability.md.
 reliability: install
-	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s -m "not slow" tests/test_e2e_faults.py tests/test_faults_agent.py tests/test_faults_outage.py tests/test_e2e_http.py tests/test_runtime_local.py -k "fault or kill or sigstop or overload or poison or longer or oversized or malformed or sigkill or redis or rate_limit or delayed_retry"
+	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s -m "not slow" tests/test_e2e_faults.py tests/test_faults_agent.py tests/test_faults_outage.py tests/test_node_loss.py tests/test_deadlines.py
+	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s tests/test_e2e_http.py tests/test_runtime_local.py -k "malformed or oversized or delayed_retry"
 
-## Run the slow fault-injection scenarios (minutes) and refresh their rows of docs/reliability.md.
 reliability-long: install
 	CPA_RELIABILITY_REPORT=1 $(BIN)/python -m pytest -s -m slow tests/test_e2e_faults.py tests/test_faults_outage.py
