@@ -113,8 +113,18 @@ return {0, last}
 # keeps the delivery count (the lease epoch) unchanged.
 _HEARTBEAT = _OWNED + """
 if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]) then return 0 end
-return #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+if #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID') == 0 then
+  return 0
+end
+if KEYS[2] then
+  local status = redis.call('HGET', KEYS[2], 'status')
+  if status == 'cancelled' or status == 'failed' or status == 'succeeded' then return 2 end
+end
+return 1
 """
+
+RENEWED, JOB_OVER = 1, 2
+"""Answers of :meth:`TaskQueue.renew` besides 0 (the lease was lost)."""
 
 # Fenced move: if the lease is still ours, XADD ARGV[6..] to KEYS[2], then XACK + XDEL the
 # leased entry — all or nothing. Used to commit a result, to give an entry back and to
@@ -442,12 +452,19 @@ class TaskQueue:
     async def heartbeat(self, lease: Lease) -> bool:
         """Renew ``lease`` (reset its idle time). False: the lease was lost — another
         consumer reclaimed the entry, or it is gone — and its result must be abandoned."""
+        return await self.renew(lease) > 0
+
+    async def renew(self, lease: Lease, job_key: str | None = None) -> int:
+        """Renew ``lease``: 0 when it was lost, :data:`RENEWED`, or :data:`JOB_OVER` when
+        ``job_key``'s job has already ended (cancelled, failed): the step should stop. The
+        last is what makes cancelling reliable — the pub/sub cancel signal is lossy (a
+        worker that was disconnected misses it), the job's status in Redis is not."""
         with redis_errors("heartbeat"):
             renewed = await self._heartbeat_script(
-                keys=[lease.stream],
+                keys=[lease.stream, job_key] if job_key else [lease.stream],
                 args=[GROUP, lease.entry_id, lease.consumer, lease.deliveries],
             )
-        return bool(renewed)
+        return int(renewed)
 
     async def complete(
         self, lease: Lease, result_stream: str, result_fields: Mapping[str, str]

@@ -24,7 +24,7 @@ from actors.errors import StepError
 from actors.executors.base import Executor, StepInput, StepOutcome
 from actors.graph import default_registry
 from actors.keys import Keys
-from actors.queue import DeadEntry, Lease, TaskQueue
+from actors.queue import JOB_OVER, DeadEntry, Lease, TaskQueue
 from actors.redisconn import connect
 from actors.settings import Settings
 from actors.shard import cancel_channel
@@ -234,7 +234,8 @@ class PoolWorker:
                 f"within its dispatch deadline (missed by {started - start_by:.1f} s)",
                 kind="expired")
         else:
-            heartbeat = asyncio.create_task(self._heartbeat(lease))
+            heartbeat = asyncio.create_task(self._heartbeat(
+                lease, self.keys.job(step.tenant, step.job_id)))
             try:
                 self._publish_running(step, started)
                 outcome = await self._execute(step, lease)
@@ -325,19 +326,23 @@ class PoolWorker:
                 if not future.done():
                     future.set_result(ok)
 
-    async def _heartbeat(self, lease: Lease) -> bool:
-        """Renew the lease until cancelled; return False as soon as it is lost."""
+    async def _heartbeat(self, lease: Lease, job_key: str | None = None) -> bool:
+        """Renew the lease until cancelled; return False as soon as it is lost. When the
+        job has ended meanwhile (a cancel whose pub/sub signal this replica missed), stop
+        the step and return True: its result still goes back, and is ignored."""
         interval = self.settings.queue.heartbeat_interval_s
         while True:
             await asyncio.sleep(interval)
             try:
-                if not await self.queue.heartbeat(lease):
-                    entry = self.running.get(lease.entry_id)
-                    if entry is not None:
-                        entry[1].cancel()  # someone else runs it now: stop ours
-                    return False
+                state = await self.queue.renew(lease, job_key)
             except Exception as exc:
                 self.last_error = f"heartbeat: {exc}"
+                continue
+            if state in (0, JOB_OVER):
+                entry = self.running.get(lease.entry_id)
+                if entry is not None:
+                    entry[1].cancel()  # lost: someone else runs it now; over: cancelled
+                return state != 0
 
     def _publish_running(self, step: StepInput, started: float) -> None:
         """Live "running" update (best effort), sent with the next flush."""

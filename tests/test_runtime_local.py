@@ -369,3 +369,32 @@ async def test_retried_intake_of_the_same_call_is_accepted(runtime: Runtime) -> 
     with pytest.raises(InternalError):
         await runtime.store.submit(other, idempotency_key=None, body_digest="x")
     assert len(await runtime.store.submit_many([meta])) == 1
+
+
+async def test_cancel_reaches_a_step_whose_worker_missed_the_signal(runtime: Runtime) -> None:
+    """The pub/sub cancel is lossy (a worker cut off from Redis misses it): the lease
+    heartbeat also reads the job's status, so the step stops within a heartbeat interval."""
+    runtime.start_shards()
+    worker = PoolWorker("noop", NoopExecutor(), runtime.settings, replica_id="deaf-1",
+                        workers=2, redis=runtime.redis)
+
+    async def deaf() -> None:  # never hears a cancel signal
+        await asyncio.Event().wait()
+
+    worker._cancel_listener = deaf  # type: ignore[method-assign]
+    runtime.workers.append(worker)
+    runtime.tasks.append(asyncio.create_task(worker.run()))
+    job_id = await runtime.submit([{"action": "sleep", "params": {"ms": 20_000},
+                                    "timeout": 60}])
+    deadline = time.monotonic() + 5
+    while not worker.running and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    assert worker.running, "the step started"
+    await runtime.store.send_control("acme", job_id, "cancel")
+    await runtime.wait(job_id, ("cancelled",), within_s=5)
+    t0 = time.monotonic()
+    while worker.running and time.monotonic() - t0 < 5:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    stopped_after = time.monotonic() - t0
+    assert not worker.running, "the 20 s step was stopped by the heartbeat's status check"
+    assert stopped_after < 3 * runtime.settings.queue.heartbeat_interval_s + 1
