@@ -154,6 +154,10 @@ class QueueSettings(_Section):
     job_retention_s: int = Field(
         7 * 86_400, ge=60, description="A finished job's record is kept this long, seconds."
     )
+    conversation_retention_s: int = Field(
+        7 * 86_400, ge=60, description="A conversation's protocol state, outbox (replies) "
+        "and journal are kept this long after its last event, seconds.",
+    )
     stream_maxlen: int = Field(
         1_000_000, ge=1_000, description="Approximate cap of each stream's length, entries."
     )

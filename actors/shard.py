@@ -581,19 +581,26 @@ class ShardRuntime:
             pipe.xadd(keys.dlq(), dead_letter_fields(
                 stream, "", entry, reason, int(d.payload["attempt"]), self.clock()),
                 maxlen=maxlen, approximate=True)
+        # A conversation's keys live `conversation_retention_s` after its last event (every
+        # /schedule without a conversation id opens one: without a TTL they would pile up).
+        keep = self.settings.queue.conversation_retention_s
         if fx.replies:
             outbox = keys.outbox(orch.tenant, orch.conversation_id)
             for wire in wires:
                 pipe.xadd(outbox, {"m": json.dumps(wire, separators=(",", ":"))},
                           maxlen=OUTBOX_MAXLEN, approximate=True)
+            pipe.expire(outbox, keep)
         if changed:
-            pipe.hset(keys.conversation(orch.tenant, orch.conversation_id),
-                      mapping=changed)
+            conversation = keys.conversation(orch.tenant, orch.conversation_id)
+            pipe.hset(conversation, mapping=changed)
+            pipe.expire(conversation, keep)
         if fx.journal:
             # One journal entry per processed event (it may hold several changes).
-            pipe.xadd(journal_key(keys, orch.tenant, orch.conversation_id),
-                      {"e": json.dumps(fx.journal, default=str, separators=(",", ":"))},
+            journal = journal_key(keys, orch.tenant, orch.conversation_id)
+            pipe.xadd(journal, {"e": json.dumps(fx.journal, default=str,
+                                                separators=(",", ":"))},
                       maxlen=JOURNAL_MAXLEN, approximate=True)
+            pipe.expire(journal, keep)
         if job is not None and (fx.events or wires):
             # Live updates ride in the same round trip; a PUBLISH inside the script reaches
             # subscribers after the script (and its AOF write) completed, i.e. only once the
@@ -606,7 +613,10 @@ class ShardRuntime:
             pipe.publish(cancel_channel(keys), json.dumps(
                 {"job": job.job_id, "steps": fx.cancel_running}))
         if ack is not None:
+            # Processed: acknowledge and delete, so the inbox holds only work still to do
+            # (the journal keeps the history) and Redis memory stays bounded by the backlog.
             pipe.xack(self.inbox, INBOX_GROUP, ack)
+            pipe.xdel(self.inbox, ack)
 
     def _after_commit(self, orch: Orchestrator, job: Job | None, fx: Effects,
                       wires: list[dict[str, Any]]) -> None:

@@ -75,6 +75,9 @@ class WriteBatch:
     def xack(self, stream: str, group: str, *ids: str) -> None:
         self._add("XACK", stream, group, *ids)
 
+    def xdel(self, stream: str, *ids: str) -> None:
+        self._add("XDEL", stream, *ids)
+
     def zadd(self, key: str, mapping: Mapping[str, float]) -> None:
         flat: list[Any] = ["ZADD", key]
         for member, score in mapping.items():

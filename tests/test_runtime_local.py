@@ -129,6 +129,12 @@ async def test_replies_follow_the_protocol(runtime: Runtime) -> None:
     assert [m.type for m in msgs] == ["agree", "inform", "inform", "inform", "inform", "done"]
     assert all(m.correlation.in_reply_to == req.id for m in msgs)
     assert all(m.payload["job_id"] == meta.job_id for m in msgs)
+    # The conversation's keys expire `conversation_retention_s` after its last event.
+    keep = runtime.settings.queue.conversation_retention_s
+    from actors.shard import journal_key
+    for key in (runtime.keys.outbox("acme", "conv-r"), runtime.keys.conversation("acme", "conv-r"),
+                journal_key(runtime.keys, "acme", "conv-r")):
+        assert 0 < await runtime.redis.ttl(key) <= keep, key
 
 
 async def test_idempotent_intake(runtime: Runtime) -> None:

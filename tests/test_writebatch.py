@@ -36,8 +36,9 @@ async def test_every_command_shape_lands_exactly(redis_client: aioredis.Redis,
         batch.xadd(f"{p}:x", {"d": f"{{\"i\":{i}}}", "k": "v"}, maxlen=3, approximate=False)
     batch.publish(f"{p}:chan", "hello")
     batch.xack(f"{p}:in", "g", entry_id)
+    batch.xdel(f"{p}:in", entry_id)
     ran = await batch.execute(redis_client, apply_sha(redis_client))
-    assert ran == batch.count == 3 + 1 + 1 + 2 + 1 + 1 + 1 + 5 + 1 + 1
+    assert ran == batch.count == 3 + 1 + 1 + 2 + 1 + 1 + 1 + 5 + 1 + 1 + 1
     assert await redis_client.hgetall(f"{p}:h") == big
     assert await redis_client.hgetall(f"{p}:h2") == {"ü": "grüße \"quoted\" \\ \n", "n": "3"}
     assert await redis_client.zrange(f"{p}:z", 0, -1, withscores=True) == [("a", score)]
@@ -48,6 +49,7 @@ async def test_every_command_shape_lands_exactly(redis_client: aioredis.Redis,
     stream = await redis_client.xrange(f"{p}:x")
     assert [f["d"] for _, f in stream] == ['{"i":2}', '{"i":3}', '{"i":4}']
     assert (await redis_client.xpending(f"{p}:in", "g"))["pending"] == 0
+    assert await redis_client.xlen(f"{p}:in") == 0
 
 
 async def test_empty_batch_sends_nothing(redis_client: aioredis.Redis) -> None:
